@@ -1,0 +1,237 @@
+"""Convolutional encoders and decoders for image tokenizers.
+
+Usage sketch::
+
+  enc = TamingEncoder(ch=64, ch_mult=(1, 2, 2), num_res_blocks=2, attn_resolutions=(8,),
+                      z_channels=64, resolution=32)
+  dec = TamingDecoder(ch=64, ch_mult=(1, 2, 2), num_res_blocks=2, attn_resolutions=(8,),
+                      out_channels=3, resolution=32)
+  # 32x32x3 images -> 8x8x64 latents -> 32x32x3 images
+
+Two families:
+- `TamingEncoder` / `TamingDecoder`: the taming-transformers (VQGAN) network: ResNet blocks
+  with GroupNorm and swish, strided-conv downsampling, nearest-neighbour upsampling,
+  optional single-head self-attention at chosen resolutions. Works from 32x32 up to 256x256.
+- `SonnetEncoder` / `SonnetDecoder`: the compact CIFAR network of the VQ-VAE paper as in
+  DeepMind's Sonnet example (two stride-2 4x4 convs, a 3x3 conv, a residual stack; mirrored
+  decoder with two stride-2 4x4 transposed convs).
+
+Every decoder names its final layer `conv_out` and records the input of that layer with
+`self.sow('intermediates', 'conv_out_input', h)`; the VQ-GAN adaptive weight needs the
+gradient with respect to that layer.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Sequence
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+Dtype = Any
+
+
+def _group_norm(name: str, dtype: Dtype) -> nn.GroupNorm:
+  # taming: 32 groups, eps 1e-6; statistics in float32 even in bfloat16 nets.
+  return nn.GroupNorm(num_groups=32, epsilon=1e-6, dtype=dtype, param_dtype=jnp.float32,
+                      name=name)
+
+
+class ResnetBlock(nn.Module):
+  """GroupNorm -> swish -> conv3x3, twice, with a 1x1 shortcut when channels change."""
+  out_channels: int
+  dtype: Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x: jax.Array) -> jax.Array:
+    h = nn.swish(_group_norm('norm1', self.dtype)(x))
+    h = nn.Conv(self.out_channels, (3, 3), dtype=self.dtype, name='conv1')(h)
+    h = nn.swish(_group_norm('norm2', self.dtype)(h))
+    h = nn.Conv(self.out_channels, (3, 3), dtype=self.dtype, name='conv2')(h)
+    if x.shape[-1] != self.out_channels:
+      x = nn.Conv(self.out_channels, (1, 1), dtype=self.dtype, name='nin_shortcut')(x)
+    return x + h
+
+
+class AttnBlock(nn.Module):
+  """Single-head self-attention over all spatial positions (taming's AttnBlock)."""
+  dtype: Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x: jax.Array) -> jax.Array:
+    n, h, w, c = x.shape
+    y = _group_norm('norm', self.dtype)(x)
+    qkv = nn.Dense(3 * c, dtype=self.dtype, name='qkv')(y.reshape(n, h * w, c))
+    q, k, v = jnp.split(qkv, 3, axis=-1)
+    logits = jnp.einsum('nqc,nkc->nqk', q, k).astype(jnp.float32) * (c ** -0.5)
+    attn = jax.nn.softmax(logits, axis=-1).astype(self.dtype)
+    y = jnp.einsum('nqk,nkc->nqc', attn, v)
+    y = nn.Dense(c, dtype=self.dtype, name='proj_out')(y)
+    return x + y.reshape(n, h, w, c)
+
+
+class Downsample(nn.Module):
+  """Stride-2 3x3 conv with taming's asymmetric (0, 1) padding."""
+  dtype: Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x: jax.Array) -> jax.Array:
+    x = jnp.pad(x, ((0, 0), (0, 1), (0, 1), (0, 0)))
+    return nn.Conv(x.shape[-1], (3, 3), strides=(2, 2), padding='VALID', dtype=self.dtype,
+                   name='conv')(x)
+
+
+class Upsample(nn.Module):
+  """Nearest-neighbour x2 then conv3x3."""
+  dtype: Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x: jax.Array) -> jax.Array:
+    x = jnp.repeat(jnp.repeat(x, 2, axis=1), 2, axis=2)
+    return nn.Conv(x.shape[-1], (3, 3), dtype=self.dtype, name='conv')(x)
+
+
+class TamingEncoder(nn.Module):
+  """taming-transformers Encoder (double_z=False): image -> [N, H/f, W/f, z_channels].
+
+  Attributes:
+    ch: base channel count.
+    ch_mult: channel multiplier per level; len(ch_mult) - 1 stride-2 downsamplings.
+    num_res_blocks: ResNet blocks per level.
+    attn_resolutions: feature-map sizes (e.g. 8) at which self-attention is applied.
+    z_channels: output channels.
+    resolution: input image size, used to place attention.
+    dtype: compute dtype (parameters stay float32).
+  """
+  ch: int = 64
+  ch_mult: Sequence[int] = (1, 2, 2)
+  num_res_blocks: int = 2
+  attn_resolutions: Sequence[int] = (8,)
+  z_channels: int = 64
+  resolution: int = 32
+  dtype: Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x: jax.Array) -> jax.Array:
+    x = x.astype(self.dtype)
+    h = nn.Conv(self.ch, (3, 3), dtype=self.dtype, name='conv_in')(x)
+    res = self.resolution
+    for level, mult in enumerate(self.ch_mult):
+      for i in range(self.num_res_blocks):
+        h = ResnetBlock(self.ch * mult, self.dtype, name=f'down{level}_block{i}')(h)
+        if res in self.attn_resolutions:
+          h = AttnBlock(self.dtype, name=f'down{level}_attn{i}')(h)
+      if level != len(self.ch_mult) - 1:
+        h = Downsample(self.dtype, name=f'down{level}_downsample')(h)
+        res //= 2
+    h = ResnetBlock(h.shape[-1], self.dtype, name='mid_block1')(h)
+    h = AttnBlock(self.dtype, name='mid_attn')(h)
+    h = ResnetBlock(h.shape[-1], self.dtype, name='mid_block2')(h)
+    h = nn.swish(_group_norm('norm_out', self.dtype)(h))
+    return nn.Conv(self.z_channels, (3, 3), dtype=self.dtype, name='conv_out')(h)
+
+
+class TamingDecoder(nn.Module):
+  """taming-transformers Decoder: [N, H/f, W/f, z] -> image [N, H, W, out_channels]."""
+  ch: int = 64
+  ch_mult: Sequence[int] = (1, 2, 2)
+  num_res_blocks: int = 2
+  attn_resolutions: Sequence[int] = (8,)
+  out_channels: int = 3
+  resolution: int = 32
+  dtype: Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, z: jax.Array) -> jax.Array:
+    z = z.astype(self.dtype)
+    res = self.resolution // 2 ** (len(self.ch_mult) - 1)
+    block_in = self.ch * self.ch_mult[-1]
+    h = nn.Conv(block_in, (3, 3), dtype=self.dtype, name='conv_in')(z)
+    h = ResnetBlock(block_in, self.dtype, name='mid_block1')(h)
+    h = AttnBlock(self.dtype, name='mid_attn')(h)
+    h = ResnetBlock(block_in, self.dtype, name='mid_block2')(h)
+    for level in reversed(range(len(self.ch_mult))):
+      for i in range(self.num_res_blocks + 1):
+        h = ResnetBlock(self.ch * self.ch_mult[level], self.dtype,
+                        name=f'up{level}_block{i}')(h)
+        if res in self.attn_resolutions:
+          h = AttnBlock(self.dtype, name=f'up{level}_attn{i}')(h)
+      if level != 0:
+        h = Upsample(self.dtype, name=f'up{level}_upsample')(h)
+        res *= 2
+    h = nn.swish(_group_norm('norm_out', self.dtype)(h))
+    self.sow('intermediates', 'conv_out_input', h)
+    out = output_layer('taming', self.out_channels, self.dtype)(h)
+    return out.astype(jnp.float32)
+
+
+class ResidualStack(nn.Module):
+  """Sonnet's residual stack: (relu, 3x3 -> hidden, relu, 1x1 -> channels, add) x n, relu."""
+  num_layers: int = 2
+  hidden: int = 32
+  dtype: Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x: jax.Array) -> jax.Array:
+    for i in range(self.num_layers):
+      h = nn.Conv(self.hidden, (3, 3), dtype=self.dtype, name=f'res{i}_conv3')(nn.relu(x))
+      h = nn.Conv(x.shape[-1], (1, 1), dtype=self.dtype, name=f'res{i}_conv1')(nn.relu(h))
+      x = x + h
+    return nn.relu(x)
+
+
+class SonnetEncoder(nn.Module):
+  """VQ-VAE paper CIFAR encoder: 4x4/2, 4x4/2, 3x3, residual stack, 1x1 -> z_channels."""
+  hidden: int = 128
+  res_hidden: int = 32
+  num_res_layers: int = 2
+  z_channels: int = 64
+  dtype: Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x: jax.Array) -> jax.Array:
+    x = x.astype(self.dtype)
+    h = nn.relu(nn.Conv(self.hidden // 2, (4, 4), (2, 2), dtype=self.dtype, name='conv1')(x))
+    h = nn.relu(nn.Conv(self.hidden, (4, 4), (2, 2), dtype=self.dtype, name='conv2')(h))
+    h = nn.Conv(self.hidden, (3, 3), dtype=self.dtype, name='conv3')(h)
+    h = ResidualStack(self.num_res_layers, self.res_hidden, self.dtype, name='res_stack')(h)
+    return nn.Conv(self.z_channels, (1, 1), dtype=self.dtype, name='conv_out')(h)
+
+
+class SonnetDecoder(nn.Module):
+  """Mirror of `SonnetEncoder`: 3x3, residual stack, 4x4/2 transposed conv twice."""
+  hidden: int = 128
+  res_hidden: int = 32
+  num_res_layers: int = 2
+  out_channels: int = 3
+  dtype: Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, z: jax.Array) -> jax.Array:
+    z = z.astype(self.dtype)
+    h = nn.Conv(self.hidden, (3, 3), dtype=self.dtype, name='conv_in')(z)
+    h = ResidualStack(self.num_res_layers, self.res_hidden, self.dtype, name='res_stack')(h)
+    h = nn.relu(nn.ConvTranspose(self.hidden // 2, (4, 4), (2, 2), dtype=self.dtype,
+                                 name='deconv1')(h))
+    self.sow('intermediates', 'conv_out_input', h)
+    out = output_layer('sonnet', self.out_channels, self.dtype)(h)
+    return out.astype(jnp.float32)
+
+
+def output_layer(arch: str, out_channels: int, dtype: Dtype = jnp.float32) -> nn.Module:
+  """The decoder's last layer, named `conv_out`, as a standalone module.
+
+  The VQ-GAN step re-applies it to the sown `conv_out_input` to get gradients with
+  respect to this layer alone (taming's adaptive weight) without a second backward pass.
+  """
+  if arch == 'sonnet':
+    return nn.ConvTranspose(out_channels, (4, 4), (2, 2), dtype=dtype, name='conv_out')
+  return nn.Conv(out_channels, (3, 3), dtype=dtype, name='conv_out')
+
+
+def downsample_factor(arch: str, ch_mult: Sequence[int] = ()) -> int:
+  """Spatial reduction of an encoder: 4 for Sonnet, 2^(len(ch_mult)-1) for taming."""
+  if arch == 'sonnet':
+    return 4
+  return 2 ** (len(ch_mult) - 1)

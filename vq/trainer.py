@@ -1,0 +1,196 @@
+"""The training loop: restore-or-init, pmapped steps, logging, pictures, checkpoints.
+
+Usage sketch::
+
+  from experiments import vqvae_cifar
+  final_metrics = trainer.train_and_evaluate(vqvae_cifar.get_config('smoke'), '/tmp/vq')
+
+Rerunning with the same workdir resumes from the latest checkpoint: the step, all
+weights and optimizer/codebook/discriminator states come from the checkpoint, and the
+PRNG stream and data order are functions of (seed, step), so they continue exactly.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import os
+import pathlib
+import time
+from typing import Any
+
+from absl import logging
+from clu import periodic_actions
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+
+from vq import builders
+from vq import checkpointing
+from vq import config_validation
+from vq import data
+from vq import images as vq_images
+from vq import parallel
+from vq import train_state as ts
+from vq import train_step as steps
+from vq import writers
+
+
+def prepare_workdir(workdir: str | os.PathLike) -> pathlib.Path:
+  """Creates `workdir` if needed and checks that it is writable (before any compile)."""
+  path = pathlib.Path(workdir).expanduser().absolute()
+  try:
+    path.mkdir(parents=True, exist_ok=True)
+  except OSError as e:
+    raise ValueError(f'--workdir={str(workdir)!r} cannot be created ({e.strerror}); '
+                     'choose a directory you can write to.') from None
+  if not os.access(path, os.W_OK | os.X_OK):
+    raise ValueError(f'--workdir={str(workdir)!r} is not writable; choose a directory you '
+                     'can write to or fix its permissions.')
+  return path
+
+
+def write_config(config: ml_collections.ConfigDict, workdir: pathlib.Path) -> None:
+  """The resolved config (overrides applied) as workdir/config.json."""
+  if jax.process_index() == 0:
+    tmp = workdir / 'config.json.tmp'
+    tmp.write_text(config.to_json_best_effort(indent=2, sort_keys=True) + '\n')
+    os.replace(tmp, workdir / 'config.json')
+
+
+def load_lpips_if_needed(config: ml_collections.ConfigDict) -> Any:
+  if not ts.uses_lpips(config) and not (config.eval.lpips):
+    return None
+  from vq import lpips  # pylint: disable=g-import-not-at-top
+  return lpips.load_pretrained_params()
+
+
+def param_counts(params: Any) -> dict[str, int]:
+  return {k: int(sum(np.size(x) for x in jax.tree.leaves(v))) for k, v in params.items()}
+
+
+def open_train_source(config: ml_collections.ConfigDict) -> data.ImageSource:
+  return data.open_source(config.data.dataset, image_size=config.data.image_size,
+                          data_dir=config.data.data_dir or None, resize=config.data.resize,
+                          download=config.data.download)
+
+
+def open_eval_source(config: ml_collections.ConfigDict) -> data.ImageSource:
+  return data.open_source(config.eval.dataset, image_size=config.data.image_size,
+                          data_dir=config.data.data_dir or None, resize=config.data.resize,
+                          download=config.data.download)
+
+
+def build_state(config: ml_collections.ConfigDict, image_shape, lpips_params=None
+                ) -> ts.TrainState:
+  return ts.create_train_state(config, ts.init_key(config.seed), image_shape, lpips_params)
+
+
+class Reconstructor:
+  """Jitted single-device reconstruction for pictures (originals above reconstructions)."""
+
+  def __init__(self, config: ml_collections.ConfigDict):
+    model = builders.build_tokenizer(config)
+    self._fn = jax.jit(lambda p, s, x: model.apply({'params': p, 'vq_stats': s}, x)[0])
+
+  def __call__(self, params, vq_stats, images: np.ndarray) -> np.ndarray:
+    return np.asarray(self._fn(params, vq_stats, images))
+
+
+def save_grid(path: pathlib.Path, originals: np.ndarray, recons: np.ndarray) -> None:
+  grid = vq_images.make_grid([originals, recons], max_columns=8)
+  vq_images.save_png(path, grid)
+
+
+def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float]:
+  """Trains `config` in `workdir` (resuming if checkpoints exist); returns last metrics."""
+  num_devices = jax.local_device_count()
+  config_validation.validate(config, num_devices=num_devices,
+                             process_count=jax.process_count())
+  workdir = prepare_workdir(workdir)
+  is_main = jax.process_index() == 0
+  writer = writers.create_writer(workdir, is_main=is_main)
+
+  train_source = open_train_source(config)
+  eval_source = open_eval_source(config)
+  lpips_params = load_lpips_if_needed(config) if ts.uses_lpips(config) else None
+  image_shape = train_source.image_shape
+  state = build_state(config, image_shape, lpips_params)
+  ckpt = checkpointing.Checkpointer(workdir / 'checkpoints', keep=config.train.keep_checkpoints)
+  state, start_step = ckpt.restore_or_init(state)
+  write_config(config, workdir)
+
+  global_batch = config.train.batch_size
+  logging.info('vq: %d process(es), %d local device(s) of kind %s; global batch %d, %d per '
+               'device; workdir %s', jax.process_count(), num_devices,
+               jax.local_devices()[0].device_kind, global_batch,
+               global_batch // (num_devices * jax.process_count()), workdir)
+  logging.info('vq: objective %s; parameters per module: %s%s', config.objective,
+               param_counts(state.params),
+               f'; discriminator {param_counts(state.disc_params)}' if state.disc_params else '')
+  logging.info('vq: starting at step %d of %d (%s)', start_step, config.train.num_steps,
+               'resumed' if start_step else 'fresh')
+
+  settings = steps.StepSettings.from_config(config)
+  p_step = parallel.pmap_train_step(functools.partial(steps.train_step, settings=settings))
+  rng = jax.random.fold_in(jax.random.PRNGKey(config.seed), 1)
+  p_rng = parallel.replicate(rng)
+  p_state = parallel.replicate(state)
+  del state
+
+  grid_originals = np.stack([eval_source[i]['image'] for i in
+                             range(min(config.eval.grid_images, len(eval_source)))])
+  grid_originals = data.to_float(grid_originals)
+  reconstruct = Reconstructor(config)
+
+  batches = data.train_batches(
+      train_source, global_batch_size=global_batch, num_local_devices=num_devices,
+      seed=config.seed, start_step=start_step, process_index=jax.process_index(),
+      process_count=jax.process_count(), prefetch=config.data.prefetch)
+  num_steps = config.train.num_steps
+  report = periodic_actions.ReportProgress(num_train_steps=num_steps, writer=writer,
+                                           every_secs=None, every_steps=config.train.log_every)
+  meta = {'config': json.loads(config.to_json_best_effort()), 'objective': config.objective}
+
+  window: list[Any] = []
+  window_start = time.perf_counter()
+  window_steps = 0
+  last: dict[str, float] = {}
+  step = start_step
+  try:
+    for step in range(start_step, num_steps):
+      batch = parallel.shard(next(batches))
+      p_state, metrics = p_step(p_state, batch, p_rng)
+      window.append(metrics)
+      done = step + 1
+      if step == start_step:
+        # The first call compiles; time the loop from here so images/s means training.
+        jax.block_until_ready(metrics)
+        logging.info('vq: first step (compile + run) took %.1f s',
+                     time.perf_counter() - window_start)
+        window_start = time.perf_counter()
+      else:
+        window_steps += 1
+      report(done)
+      if done % config.train.log_every == 0 or done == num_steps:
+        host = jax.device_get([parallel.unreplicate(m) for m in window])
+        elapsed = time.perf_counter() - window_start
+        last = {k: float(np.mean([m[k] for m in host])) for k in host[0]}
+        if window_steps:
+          last['images_per_s'] = window_steps * global_batch / elapsed
+          last['steps_per_s'] = window_steps / elapsed
+        writer.write_scalars(done, last)
+        logging.info('step %d: %s', done, ', '.join(f'{k}={v:.4g}' for k, v in sorted(last.items())))
+        window, window_steps, window_start = [], 0, time.perf_counter()
+      if config.train.image_every and (done % config.train.image_every == 0 or done == num_steps):
+        host_state = parallel.to_host(p_state)
+        recons = reconstruct(ts.eval_params(host_state), host_state.vq_stats, grid_originals)
+        if is_main:
+          save_grid(workdir / 'images' / f'step_{done:07d}.png', grid_originals, recons)
+      if done % config.train.checkpoint_every == 0 or done == num_steps:
+        ckpt.save(done, parallel.to_host(p_state), meta)
+  finally:
+    writer.flush()
+    ckpt.close()
+  return last
