@@ -46,7 +46,7 @@ def get_base_config() -> ml_collections.ConfigDict:
   c.loss.perceptual_weight = 0.0  # vqgan: weight of LPIPS-VGG16
   c.loss.disc_weight = 0.0       # vqgan: scales taming's adaptive adversarial weight
   c.loss.adaptive_weight = True  # vqgan: taming's ||grad L_rec|| / ||grad L_G|| at the last layer
-  c.loss.gan_loss = 'hinge'      # vqgan: 'hinge' or 'non_saturating'
+  c.loss.gan_loss = 'hinge'      # vqgan: 'hinge' or 'nonsaturating'
   c.loss.disc_start = 0          # vqgan: first step at which the generator sees the GAN loss
   c.loss.disc_warmup = 0         # vqgan: steps the discriminator trains before disc_start
   c.loss.lecam_weight = 0.0      # vqgan: LeCAM regularisation of the discriminator

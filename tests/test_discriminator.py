@@ -1,4 +1,4 @@
-"""Tests for vq.discriminator: topology, parameter count, and per-example outputs."""
+"""Tests for vq.discriminator: topology, parameter count, per-example logits."""
 
 import chex
 import flax
@@ -179,7 +179,7 @@ def test_pmap_matches_single_device(patchgan):
 
 @pytest.mark.parametrize('size,mults', [(32, (1, 2)), (64, (1, 2, 2))])
 def test_stylegan_shapes_and_independence(size, mults):
-  model = disc_lib.StyleGANDiscriminator(filters=8, channel_multipliers=mults)
+  model = disc_lib.StyleGANDiscriminator(ndf=8, channel_multipliers=mults)
   x = _images(6, (3, size, size, 3))
   variables = _numpy_variables(model, x, 2)
   assert set(variables) == {'params'}
@@ -188,7 +188,7 @@ def test_stylegan_shapes_and_independence(size, mults):
   assert out.dtype == jnp.float32
   np.testing.assert_allclose(
       model.apply(variables, x[1:2])[0], out[1], rtol=1e-5, atol=1e-6)
-  # The dense head sees filters * mults[-1] channels at size / 2**len(mults).
+  # The dense head sees ndf * mults[-1] channels at size / 2**len(mults).
   side = size // 2**len(mults)
   dense = variables['params']['Dense_0']['kernel']
   assert dense.shape == (side * side * 8 * mults[-1], 8 * mults[-1])
@@ -209,7 +209,7 @@ def test_minibatch_std_matches_numpy():
 
 
 def test_stylegan_with_minibatch_std_sees_the_batch():
-  model = disc_lib.StyleGANDiscriminator(filters=8, channel_multipliers=(1, 2),
+  model = disc_lib.StyleGANDiscriminator(ndf=8, channel_multipliers=(1, 2),
                                          mbstd_group_size=2)
   x = _images(8, (2, 32, 32, 3))
   variables = _numpy_variables(model, x, 3)
@@ -228,19 +228,21 @@ def test_blur_downsample_preserves_constants():
   np.testing.assert_allclose(out[:, 1:-1, 1:-1], 3.0, rtol=1e-6)
 
 
-# ----------------------------------------------------------------- errors, factory
+# --------------------------------------------------------- errors, factory
 
 
 def test_build_discriminator():
   model = disc_lib.build_discriminator('patchgan', ndf=16, n_layers=2)
   assert isinstance(model, disc_lib.PatchGANDiscriminator)
   assert (model.ndf, model.n_layers) == (16, 2)
-  model = disc_lib.build_discriminator('stylegan', filters=16)
+  model = disc_lib.build_discriminator('stylegan', ndf=16)
   assert isinstance(model, disc_lib.StyleGANDiscriminator)
   with pytest.raises(ValueError, match=r"'biggan'.*patchgan, stylegan"):
     disc_lib.build_discriminator('biggan')
   with pytest.raises(ValueError, match=r"\['filters'\].*ndf, n_layers, norm"):
     disc_lib.build_discriminator('patchgan', filters=8)
+  with pytest.raises(ValueError, match=r"\['norm'\].*ndf, channel_multipliers"):
+    disc_lib.build_discriminator('stylegan', norm='group')
 
 
 def test_bad_settings_raise_value_errors():
@@ -252,5 +254,5 @@ def test_bad_settings_raise_value_errors():
   with pytest.raises(ValueError, match='NHWC'):
     disc_lib.PatchGANDiscriminator().init(jax.random.key(0), x[0])
   with pytest.raises(ValueError, match=r'divisible by 8.*\(1, 36, 36, 3\)'):
-    disc_lib.StyleGANDiscriminator(filters=4).init(
+    disc_lib.StyleGANDiscriminator(ndf=4).init(
         jax.random.key(0), jnp.zeros((1, 36, 36, 3)))

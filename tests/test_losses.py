@@ -18,7 +18,7 @@ def _softplus(x):
   return np.logaddexp(0.0, x.astype(np.float64))
 
 
-# ----------------------------------------------------------------- reconstruction
+# ---------------------------------------------------------- reconstruction
 
 
 def test_l1_and_l2_match_numpy():
@@ -196,7 +196,7 @@ def test_r1_requires_batch_dimension():
     losses.r1_penalty(lambda x: x, np.zeros((5,)))
 
 
-# ----------------------------------------------------------------- adaptive weight
+# --------------------------------------------------------- adaptive weight
 
 
 def _grads(seed, scale):

@@ -40,11 +40,11 @@ def _normal_around_one(stddev: float) -> Callable[..., jax.Array]:
 
 
 def _norm_layer(norm: str, channels: int, dtype: Any) -> Callable[..., Any]:
-  """Returns a per-example normalisation for `channels` features, or identity."""
+  """Returns a per-example norm for `channels` features, or the identity."""
   common = dict(epsilon=1e-5, dtype=dtype, param_dtype=jnp.float32,
                 scale_init=_normal_around_one(0.02))
   if norm == 'group':
-    # The largest group count <= 32 that divides the channels (ndf may be small).
+    # The largest group count <= 32 dividing the channels (ndf may be small).
     return nn.GroupNorm(num_groups=math.gcd(_MAX_GROUPS, channels), **common)
   if norm == 'layer':
     # Statistics over H, W and C of each example (GroupNorm with one group),
@@ -89,7 +89,7 @@ class PatchGANDiscriminator(nn.Module):
     if images.ndim != 4:
       raise ValueError(f'images must be NHWC [N, H, W, C], got shape '
                        f'{images.shape}; add a batch dimension.')
-    use_bias = True
+    use_bias = self.norm == 'none'
     conv = functools.partial(
         nn.Conv, kernel_size=(4, 4), padding=((1, 1), (1, 1)), dtype=self.dtype,
         param_dtype=jnp.float32, kernel_init=nn.initializers.normal(0.02))
@@ -109,7 +109,8 @@ def _blur_downsample(x: jax.Array) -> jax.Array:
   """Halves H and W with StyleGAN2's [1, 3, 3, 1] low-pass filter."""
   taps = jnp.array([1.0, 3.0, 3.0, 1.0], x.dtype) / 8.0
   channels = x.shape[-1]
-  kernel = jnp.tile(jnp.outer(taps, taps)[:, :, None, None], (1, 1, 1, channels))
+  kernel = jnp.tile(jnp.outer(taps, taps)[:, :, None, None],
+                    (1, 1, 1, channels))
   return jax.lax.conv_general_dilated(
       x, kernel, window_strides=(2, 2), padding=((1, 1), (1, 1)),
       dimension_numbers=('NHWC', 'HWIO', 'NHWC'), feature_group_count=channels)
@@ -121,11 +122,13 @@ def _minibatch_std(x: jax.Array, group_size: int) -> jax.Array:
   group = min(group_size, n)
   if n % group:
     raise ValueError(f'Batch size {n} is not divisible by the minibatch-std '
-                     f'group size {group}; change mbstd_group_size or the batch.')
-  y = x.astype(jnp.float32).reshape(n // group, group, h, w, c).swapaxes(0, 1)
+                     f'group size {group}; change mbstd_group_size or the '
+                     'batch size.')
+  y = x.astype(jnp.float32).reshape(group, n // group, h, w, c)
   std = jnp.sqrt(jnp.var(y, axis=0) + 1e-8)  # [n // group, h, w, c]
   std = jnp.mean(std, axis=(1, 2, 3))  # one number per group slot
-  std = jnp.tile(std, group)[:, None, None, None]  # example i uses slot i % (n // group)
+  # Example i sits in slot i % (n // group) of the reshape above.
+  std = jnp.tile(std, group)[:, None, None, None]
   return jnp.concatenate(
       [x, jnp.broadcast_to(std, (n, h, w, 1)).astype(x.dtype)], axis=-1)
 
@@ -140,13 +143,14 @@ class StyleGANDiscriminator(nn.Module):
   the resolution seen at init.
 
   Attributes:
-    filters: Base channel count.
+    ndf: Base channel count (named as in the PatchGAN, so one config field
+      serves both discriminators).
     channel_multipliers: One per residual (downsampling) block.
     mbstd_group_size: Group size of the minibatch-std feature; 0 turns it off
       (the default), which keeps every example independent of its batch.
     dtype: Computation dtype; parameters stay float32 and logits are float32.
   """
-  filters: int = 64
+  ndf: int = 64
   channel_multipliers: Sequence[int] = (2, 4, 4)
   mbstd_group_size: int = 0
   dtype: Any = jnp.float32
@@ -167,9 +171,9 @@ class StyleGANDiscriminator(nn.Module):
                              param_dtype=jnp.float32)
     act = functools.partial(nn.leaky_relu, negative_slope=0.2)
 
-    x = act(conv(self.filters)(images.astype(self.dtype)))
+    x = act(conv(self.ndf)(images.astype(self.dtype)))
     for mult in self.channel_multipliers:
-      features = self.filters * mult
+      features = self.ndf * mult
       residual = nn.Conv(features, (1, 1), use_bias=False, dtype=self.dtype,
                          param_dtype=jnp.float32)(_blur_downsample(x))
       y = act(conv(x.shape[-1])(x))
@@ -195,8 +199,8 @@ def build_discriminator(name: str, **fields: Any) -> nn.Module:
 
   Args:
     name: 'patchgan' or 'stylegan'.
-    **fields: Attributes of the chosen class (e.g. ndf, n_layers, norm, dtype
-      for 'patchgan'; filters, channel_multipliers, mbstd_group_size, dtype for
+    **fields: Attributes of the chosen class (ndf, n_layers, norm, dtype for
+      'patchgan'; ndf, channel_multipliers, mbstd_group_size, dtype for
       'stylegan').
 
   Returns:

@@ -5,8 +5,8 @@ Usage sketch::
   from vq import losses
 
   rec = losses.reconstruction_loss(recon, images, kind='l1').mean()
-  d_loss = losses.discriminator_loss(real_logits, fake_logits, kind='hinge').mean()
-  g_loss = losses.generator_loss(fake_logits, kind='hinge').mean()
+  d_loss = losses.discriminator_loss(real, fake, kind='hinge').mean()
+  g_loss = losses.generator_loss(fake, kind='hinge').mean()
   weight = losses.adaptive_generator_weight(rec_grads, gen_grads)
 
 Every loss is pure and UNREDUCED: it returns one value per element (or per
@@ -236,7 +236,7 @@ def lecam_regularizer(real_logits: jax.Array, fake_logits: jax.Array,
           f'{name} must be a scalar, got shape {value.shape}; pass the EMA of '
           'the mean logit, not the logits themselves.')
   return (jnp.square(jax.nn.relu(real_logits - ema_fake_mean)) +
-          jnp.square(ema_real_mean - fake_logits))
+          jnp.square(jax.nn.relu(ema_real_mean - fake_logits)))
 
 
 def r1_penalty(discriminator_fn: Callable[[jax.Array], jax.Array],
@@ -269,7 +269,7 @@ def r1_penalty(discriminator_fn: Callable[[jax.Array], jax.Array],
   grads = jax.grad(lambda x: jnp.sum(_as_float(discriminator_fn(x))))(
       real_images)
   grads = _as_float(grads)
-  return jnp.mean(jnp.square(grads), axis=tuple(range(1, grads.ndim)))
+  return jnp.sum(jnp.square(grads), axis=tuple(range(1, grads.ndim)))
 
 
 def adaptive_generator_weight(rec_grads: Any, gen_grads: Any, *,

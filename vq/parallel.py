@@ -26,13 +26,13 @@ def local_device_count() -> int:
   return jax.local_device_count()
 
 
-def pmap_train_step(step_fn: Callable) -> Callable:
-  """pmap over 'batch', donating the state buffers (argument 0)."""
-  return jax.pmap(step_fn, axis_name=AXIS, donate_argnums=(0,))
+def pmap_train_step(step_fn: Callable, devices=None) -> Callable:
+  """pmap over 'batch' (all local devices by default), donating the state (argument 0)."""
+  return jax.pmap(step_fn, axis_name=AXIS, donate_argnums=(0,), devices=devices)
 
 
-def pmap_eval_step(eval_fn: Callable) -> Callable:
-  return jax.pmap(eval_fn, axis_name=AXIS)
+def pmap_eval_step(eval_fn: Callable, devices=None) -> Callable:
+  return jax.pmap(eval_fn, axis_name=AXIS, devices=devices)
 
 
 def _stacked_sharding(devices) -> jax.sharding.NamedSharding:
