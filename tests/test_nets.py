@@ -1,0 +1,67 @@
+"""Encoder/decoder shapes and the sub-pixel transposed convolution."""
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from vq import nets
+
+
+def test_subpixel_conv_transpose_equals_flax_conv_transpose():
+  x = jax.random.normal(jax.random.PRNGKey(0), (2, 5, 6, 7))
+  layer = nets.SubpixelConvTranspose(3)
+  params = layer.init(jax.random.PRNGKey(1), x)
+  # Non-zero bias and a kernel with no symmetry, so a wrong tap or phase shows.
+  params = jax.tree.map(lambda a: a + jax.random.normal(jax.random.PRNGKey(2), a.shape), params)
+  reference = nn.ConvTranspose(3, (4, 4), (2, 2))
+  np.testing.assert_allclose(layer.apply(params, x), reference.apply(params, x),
+                             rtol=1e-5, atol=1e-5)
+  # Gradients too (w.r.t. input and kernel).
+  loss = lambda m: lambda p, v: jnp.sum(jnp.sin(m.apply(p, v)))
+  ours = jax.grad(loss(layer), argnums=(0, 1))(params, x)
+  ref = jax.grad(loss(reference), argnums=(0, 1))(params, x)
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-4), ours, ref)
+
+
+@pytest.mark.parametrize('resolution,ch_mult,tokens', [(32, (1, 2, 2), 8), (64, (1, 2, 2), 16),
+                                                       (256, (1, 1, 2, 2, 4), 16)])
+def test_taming_shapes(resolution, ch_mult, tokens):
+  enc = nets.TamingEncoder(ch=32, ch_mult=ch_mult, num_res_blocks=1,
+                           attn_resolutions=(tokens,), z_channels=8, resolution=resolution)
+  dec = nets.TamingDecoder(ch=32, ch_mult=ch_mult, num_res_blocks=1,
+                           attn_resolutions=(tokens,), resolution=resolution)
+  x = jnp.zeros((1, resolution, resolution, 3))
+  z = jax.eval_shape(lambda: enc.apply(enc.init(jax.random.PRNGKey(0), x), x))
+  assert z.shape == (1, tokens, tokens, 8)
+  zz = jnp.zeros(z.shape)
+  y = jax.eval_shape(lambda: dec.apply(dec.init(jax.random.PRNGKey(0), zz), zz))
+  assert y.shape == (1, resolution, resolution, 3)
+
+
+def test_sonnet_shapes_and_parameter_count():
+  enc, dec = nets.SonnetEncoder(), nets.SonnetDecoder()
+  x = jnp.zeros((2, 32, 32, 3))
+  pe = jax.eval_shape(lambda: enc.init(jax.random.PRNGKey(0), x))
+  z = jax.eval_shape(lambda: enc.apply(enc.init(jax.random.PRNGKey(0), x), x))
+  assert z.shape == (2, 8, 8, 64)
+  pd = jax.eval_shape(lambda: dec.init(jax.random.PRNGKey(0), jnp.zeros(z.shape)))
+  count = lambda t: sum(int(np.prod(a.shape)) for a in jax.tree.leaves(t))
+  # Hand count of the VQ-VAE paper's CIFAR net (weights + biases).
+  enc_expected = ((4 * 4 * 3 * 64 + 64) + (4 * 4 * 64 * 128 + 128) + (3 * 3 * 128 * 128 + 128)
+                  + 2 * ((3 * 3 * 128 * 32 + 32) + (32 * 128 + 128)) + (128 * 64 + 64))
+  dec_expected = ((3 * 3 * 64 * 128 + 128) + 2 * ((3 * 3 * 128 * 32 + 32) + (32 * 128 + 128))
+                  + (4 * 4 * 128 * 64 + 64) + (4 * 4 * 64 * 3 + 3))
+  assert count(pe) == enc_expected
+  assert count(pd) == dec_expected
+
+
+def test_decoders_sow_the_input_of_their_last_layer():
+  dec = nets.SonnetDecoder(hidden=16, res_hidden=4, num_res_layers=1)
+  z = jnp.ones((1, 4, 4, 8))
+  params = dec.init(jax.random.PRNGKey(0), z)
+  out, inter = dec.apply(params, z, mutable=['intermediates'])
+  h = inter['intermediates']['conv_out_input'][0]
+  again = nets.output_layer('sonnet', 3).apply({'params': params['params']['conv_out']}, h)
+  np.testing.assert_allclose(again, out, rtol=1e-6, atol=1e-6)
