@@ -385,7 +385,8 @@ def test_ema_under_pmap_equals_single_device_on_concatenated_batch():
         np.testing.assert_array_equal(value[device], value[0], err_msg=name)
     chex.assert_trees_all_close(jax.tree.map(lambda x: x[0], stats_p), single_vars[STATS],
                                 rtol=1e-5, atol=1e-6)
-    np.testing.assert_array_equal(out_p.indices.reshape(-1), np.asarray(out_s.indices).reshape(-1))
+    np.testing.assert_array_equal(out_p.indices.reshape(-1),
+                                  np.asarray(out_s.indices).reshape(-1))
     for device in range(num_devices):
       np.testing.assert_array_equal(out_p.counts[device], out_s.counts)
       np.testing.assert_allclose(out_p.perplexity[device], out_s.perplexity, rtol=1e-6)
@@ -547,12 +548,10 @@ def test_wrong_last_axis_raises_value_error_naming_code_dim_and_shape(cls):
     module.init(jax.random.key(0), jnp.zeros((2, D - 1)))
 
 
-# BUG (found by this test): `encode_to_indices` is public (the token API) but skips
-# `_check_code_dim`, so a wrong last axis surfaces as jnp.reshape's TypeError
-# ("cannot reshape array of shape (2, 3, 5) ... into shape (-1, 4)") instead of the
-# ValueError naming code_dim that `__call__` gives. Kept last so `pytest -x` runs the rest.
+# `encode_to_indices` is the public token API: a wrong last axis must give the same
+# one-line ValueError as `__call__`, not jnp.reshape's TypeError.
 @pytest.mark.parametrize('cls', QUANTIZER_CLASSES)
-def test_encode_to_indices_wrong_last_axis_raises_value_error_BUG(cls):
+def test_encode_to_indices_wrong_last_axis_raises_value_error(cls):
   module = cls(num_codes=K, code_dim=D)
   variables = _vars_for(cls, _codebook(25))
   with pytest.raises(ValueError, match=r'code_dim') as info:

@@ -20,7 +20,8 @@ the vendor convolutions are fast, so `impl='auto'` keeps `lax.conv_general_dilat
 
 from __future__ import annotations
 
-from typing import Any, Callable, Sequence, Union
+import functools
+from typing import Any, Callable, NamedTuple, Sequence, Union
 
 import flax.linen as nn
 from flax.linen import dtypes as flax_dtypes
@@ -77,44 +78,177 @@ def _explicit_padding(padding: Padding, in_hw: Sequence[int], kernel_hw: Sequenc
   return tuple((int(lo), int(hi)) for lo, hi in pads)
 
 
-def _matmul(a: Array, b: Array, out_dtype: Dtype) -> Array:
-  # Low-precision inputs accumulate in float32, like the convolution would.
-  acc = jnp.float32 if jnp.dtype(out_dtype).itemsize < 4 else None
-  return jnp.dot(a, b, preferred_element_type=acc).astype(out_dtype)
+# Target size of one block's im2col buffer. The gradient's im2col buffer for a whole batch
+# is kh*kw times the input (151 MB for a 3x3 conv over 64x32x32x64): on XLA:CPU writing
+# it once costs more than the matmul (page faults on fresh allocations, DRAM bandwidth).
+# Blocks of about this size stay in the per-core L2 cache; `benchmarks/conv_layers.py`
+# was used to pick it (1-4 MiB were within noise of each other, 16 MiB was slower).
+_BLOCK_BYTES = 2 * 2**20
+
+
+class _Geometry(NamedTuple):
+  """Static shape facts of one im2col convolution (hashable: a custom_vjp argument)."""
+  kh: int
+  kw: int
+  sh: int
+  sw: int
+  oh: int
+  ow: int
+  block_n: int      # Images per block.
+  block_rows: int   # Output rows per block.
+
+
+def _largest_divisor_at_most(n: int, limit: int) -> int:
+  limit = max(1, min(n, limit))
+  return max(d for d in range(1, limit + 1) if n % d == 0)
+
+
+def _geometry(xp_shape: Sequence[int], kernel_shape: Sequence[int],
+              strides: tuple[int, int], itemsize: int) -> _Geometry:
+  n, hp, wp, _ = xp_shape
+  kh, kw, cin, _ = kernel_shape
+  sh, sw = strides
+  oh, ow = (hp - kh) // sh + 1, (wp - kw) // sw + 1
+  row_bytes = ow * kh * kw * cin * itemsize
+  image_bytes = oh * row_bytes
+  if image_bytes <= _BLOCK_BYTES:
+    block_n, block_rows = _largest_divisor_at_most(n, _BLOCK_BYTES // image_bytes), oh
+  else:
+    # Big images: one image per block, split into bands of output rows.
+    block_n, block_rows = 1, _largest_divisor_at_most(oh, _BLOCK_BYTES // row_bytes)
+  return _Geometry(kh, kw, sh, sw, oh, ow, block_n, block_rows)
+
+
+def _num_blocks(n: int, g: _Geometry) -> tuple[int, int]:
+  return n // g.block_n, g.oh // g.block_rows
+
+
+def _block_input(xp: Array, index: Array, g: _Geometry) -> Array:
+  """Input window of block `index`: block_n images, the rows its output band reads."""
+  _, num_row_blocks = _num_blocks(xp.shape[0], g)
+  b, r = index // num_row_blocks, index % num_row_blocks
+  rows = (g.block_rows - 1) * g.sh + g.kh
+  start = (b * g.block_n, r * g.block_rows * g.sh, 0, 0)
+  return jax.lax.dynamic_slice(xp, start, (g.block_n, rows) + xp.shape[2:])
+
+
+def _cols(xb: Array, g: _Geometry) -> Array:
+  """[n, rows, wp, cin] window -> [n * block_rows * ow, kh * kw * cin] im2col matrix."""
+  n, _, _, cin = xb.shape
+  # Taps in (i, j) row-major order, channels innermost, to match kernel.reshape(-1, cout).
+  taps = [
+      jax.lax.slice(xb, (0, i, j, 0),
+                    (n, i + g.sh * (g.block_rows - 1) + 1, j + g.sw * (g.ow - 1) + 1, cin),
+                    (1, g.sh, g.sw, 1))
+      for i in range(g.kh) for j in range(g.kw)
+  ]
+  cols = taps[0] if len(taps) == 1 else jnp.concatenate(taps, axis=-1)
+  return cols.reshape(n * g.block_rows * g.ow, g.kh * g.kw * cin)
+
+
+def _acc_dtype(dtype: Dtype) -> Dtype | None:
+  # Low-precision inputs accumulate in float32, as XLA's convolution does.
+  return jnp.float32 if jnp.dtype(dtype).itemsize < 4 else None
+
+
+def _blocks_to_image(yb: Array, n: int, g: _Geometry) -> Array:
+  """[num_blocks, block_n * block_rows * ow, c] -> [n, oh, ow, c]."""
+  num_b, num_r = _num_blocks(n, g)
+  y = yb.reshape(num_b, num_r, g.block_n, g.block_rows, g.ow, yb.shape[-1])
+  return y.transpose(0, 2, 1, 3, 4, 5).reshape(n, g.oh, g.ow, yb.shape[-1])
+
+
+def _image_to_blocks(y: Array, g: _Geometry) -> Array:
+  """Inverse of `_blocks_to_image`."""
+  n = y.shape[0]
+  num_b, num_r = _num_blocks(n, g)
+  y = y.reshape(num_b, g.block_n, num_r, g.block_rows, g.ow, y.shape[-1])
+  return y.transpose(0, 2, 1, 3, 4, 5).reshape(num_b * num_r, -1, y.shape[-1])
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
+def _blocked_im2col(xp: Array, wm: Array, g: _Geometry) -> Array:
+  """Convolution of the padded input `xp` with the [kh*kw*cin, cout] matrix `wm`."""
+  return _blocked_im2col_fwd(xp, wm, g)[0]
+
+
+def _blocked_im2col_fwd(xp: Array, wm: Array, g: _Geometry):
+  acc = _acc_dtype(xp.dtype)
+
+  def block(index):
+    y = jnp.dot(_cols(_block_input(xp, index, g), g), wm, preferred_element_type=acc)
+    return y.astype(xp.dtype)
+
+  num_b, num_r = _num_blocks(xp.shape[0], g)
+  # A scan keeps one block's im2col buffer alive at a time; its autodiff would stack
+  # every block's buffer as residuals, hence the custom_vjp.
+  _, yb = jax.lax.scan(lambda c, i: (c, block(i)), None, jnp.arange(num_b * num_r))
+  return _blocks_to_image(yb, xp.shape[0], g), (xp, wm)
+
+
+def _blocked_im2col_bwd(g: _Geometry, residuals, dy: Array):
+  xp, wm = residuals
+  acc = _acc_dtype(xp.dtype)
+  num_b, num_r = _num_blocks(xp.shape[0], g)
+  dyb = _image_to_blocks(dy.astype(xp.dtype), g)
+
+  def block(index, dy_block):
+    xb = _block_input(xp, index, g)
+    cols, cols_vjp = jax.vjp(lambda xb: _cols(xb, g), xb)
+    dw = jax.lax.dot_general(cols, dy_block, (((0,), (0,)), ((), ())),
+                             preferred_element_type=jnp.float32)
+    dcols = jnp.dot(dy_block, wm.T, preferred_element_type=acc).astype(xp.dtype)
+    return dw, cols_vjp(dcols)[0]
+
+  if num_r == 1:
+    # Blocks are whole images and do not overlap: stack the input gradients.
+    def body(dw_sum, inputs):
+      dw, dxb = block(*inputs)
+      return dw_sum + dw, dxb
+    dw, dxb = jax.lax.scan(body, jnp.zeros(wm.shape, jnp.float32),
+                           (jnp.arange(num_b), dyb))
+    dxp = dxb.reshape((xp.shape[0],) + dxb.shape[2:])
+    # Trailing rows that no output window reaches get no gradient.
+    dxp = jnp.pad(dxp, ((0, 0), (0, xp.shape[1] - dxp.shape[1]), (0, 0), (0, 0)))
+  else:
+    # Row bands share kh - sh halo rows, so their input gradients are added in place.
+    def body(carry, inputs):
+      dw_sum, dxp = carry
+      index = inputs[0]
+      dw, dxb = block(*inputs)
+      start = (index // num_r * g.block_n, index % num_r * g.block_rows * g.sh, 0, 0)
+      dxp = jax.lax.dynamic_update_slice(
+          dxp, jax.lax.dynamic_slice(dxp, start, dxb.shape) + dxb, start)
+      return (dw_sum + dw, dxp), None
+    (dw, dxp), _ = jax.lax.scan(
+        body, (jnp.zeros(wm.shape, jnp.float32), jnp.zeros_like(xp)),
+        (jnp.arange(num_b * num_r), dyb))
+  return dxp, dw.astype(wm.dtype)
+
+
+_blocked_im2col.defvjp(_blocked_im2col_fwd, _blocked_im2col_bwd)
 
 
 def _im2col_conv(x: Array, kernel: Array, strides: tuple[int, int],
                  pads: tuple[tuple[int, int], ...]) -> Array:
   kh, kw, cin, cout = kernel.shape
-  sh, sw = strides
-  out_dtype = jnp.result_type(x.dtype, kernel.dtype)
-  x = x.astype(out_dtype)
-  kernel = kernel.astype(out_dtype)
-  if any(lo < 0 or hi < 0 for lo, hi in pads):
-    # Negative padding crops; lax.pad handles both signs.
-    x = jax.lax.pad(x, jnp.zeros((), x.dtype),
-                    ((0, 0, 0),) + tuple((lo, hi, 0) for lo, hi in pads) + ((0, 0, 0),))
-  elif any(lo or hi for lo, hi in pads):
-    x = jnp.pad(x, ((0, 0),) + pads + ((0, 0),))
+  dtype = jnp.result_type(x.dtype, kernel.dtype)
+  x, kernel = x.astype(dtype), kernel.astype(dtype)
+  # lax.pad also crops for negative padding, like the convolution does.
+  x = jax.lax.pad(x, jnp.zeros((), dtype),
+                  ((0, 0, 0),) + tuple((lo, hi, 0) for lo, hi in pads) + ((0, 0, 0),))
   n, hp, wp, _ = x.shape
-  oh = (hp - kh) // sh + 1
-  ow = (wp - kw) // sw + 1
-  if oh <= 0 or ow <= 0:
+  if hp < kh or wp < kw:
     raise ValueError(f'conv2d output would be empty: padded input {hp}x{wp} is smaller '
                      f'than the {kh}x{kw} kernel; pad more or use a smaller kernel.')
-  if kh == kw == 1 and sh == sw == 1:
-    cols = x
-  else:
-    # Taps in (i, j) row-major order, channels innermost: matches kernel.reshape(-1, cout).
-    taps = [
-        jax.lax.slice(x, (0, i, j, 0), (n, i + sh * (oh - 1) + 1, j + sw * (ow - 1) + 1,
-                                         cin), (1, sh, sw, 1))
-        for i in range(kh) for j in range(kw)
-    ]
-    cols = taps[0] if len(taps) == 1 else jnp.concatenate(taps, axis=-1)
-  y = _matmul(cols.reshape(n * oh * ow, kh * kw * cin), kernel.reshape(kh * kw * cin, cout),
-              out_dtype)
-  return y.reshape(n, oh, ow, cout)
+  if kh == kw == 1:
+    # A 1x1 convolution is a matmul over (strided) pixels; XLA differentiates it well.
+    x = x[:, ::strides[0], ::strides[1], :]
+    y = jnp.dot(x.reshape(-1, cin), kernel.reshape(cin, cout),
+                preferred_element_type=_acc_dtype(dtype))
+    return y.astype(dtype).reshape(x.shape[:3] + (cout,))
+  g = _geometry(x.shape, kernel.shape, strides, jnp.dtype(dtype).itemsize)
+  return _blocked_im2col(x, kernel.reshape(kh * kw * cin, cout), g)
 
 
 def conv2d(x: Array, kernel: Array, *, strides: Sequence[int] = (1, 1),

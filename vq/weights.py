@@ -26,6 +26,9 @@ def flatten_tree(tree: Mapping[str, Any]) -> dict[str, np.ndarray]:
   """Flattens nested dicts of arrays to {'a/b/c': array} for storage in an .npz."""
   flat = {}
   for key, value in tree.items():
+    if _SEP in key:
+      raise ValueError(f'Tree key {key!r} contains {_SEP!r}, which flat keys use as separator; '
+                       'rename it.')
     if isinstance(value, Mapping):
       for sub_key, leaf in flatten_tree(value).items():
         flat[f'{key}{_SEP}{sub_key}'] = leaf
@@ -60,8 +63,12 @@ def ensure_not_pickle(path: str | os.PathLike[str]) -> None:
     raise ValueError(f'Refusing to load {path}: it is a pickle, which can run code when loaded; '
                      f'{hint}.')
   if head == _ZIP_MAGIC:
-    with zipfile.ZipFile(path) as archive:
-      not_npy = [n for n in archive.namelist() if not n.endswith('.npy')]
+    try:
+      with zipfile.ZipFile(path) as archive:
+        not_npy = [n for n in archive.namelist() if not n.endswith('.npy')]
+    except zipfile.BadZipFile as e:
+      raise ValueError(f'{path} starts like a zip but is not readable as one ({e}); '
+                       'delete it or write it again with numpy.savez.') from e
     if not_npy:
       raise ValueError(f'Refusing to load {path}: it is a zip with non-.npy members '
                        f'(e.g. {not_npy[0]!r}), like a torch checkpoint holding pickles; {hint}.')

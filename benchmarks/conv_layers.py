@@ -1,0 +1,124 @@
+"""Per-layer speed of `vq.conv.conv2d`: XLA's convolution against im2col + matmul.
+
+Usage (from the repository root):
+
+  python -m benchmarks.conv_layers --batch_size=64 --reps=15
+
+For every convolution shape of the Sonnet CIFAR VQ-VAE and the taming network (ch 64,
+ch_mult (1, 2, 2)) at 32x32 input, times `jit(grad(sum(conv2d(x, k) ** 2)))` with respect
+to (x, k) and the forward `jit(conv2d)` for impl='xla' and impl='im2col'. The two impls
+are run interleaved, alternating which goes first, so that load from other processes on
+shared cores hits both alike. Prints one JSON line per shape (median milliseconds of
+`--reps` runs after warm-up, and the speed-up xla/im2col) and a final summary line.
+"""
+
+import json
+import statistics
+import time
+
+from absl import app
+from absl import flags
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from vq import conv
+
+_BATCH_SIZE = flags.DEFINE_integer('batch_size', 64, 'Batch size of every layer input.')
+_REPS = flags.DEFINE_integer('reps', 15, 'Timed runs per impl and shape (median is kept).')
+_WARMUP = flags.DEFINE_integer('warmup', 2, 'Untimed runs after compiling.')
+_DTYPE = flags.DEFINE_enum('dtype', 'float32', ['float32', 'bfloat16'], 'Input dtype.')
+_ONLY = flags.DEFINE_string('only', '', 'Run only shapes whose name contains this.')
+
+# (name, input height = width, cin, cout, kernel, stride, padding). Heights are those the
+# layer sees inside the networks for a 32x32 image; taming's Downsample pads (0, 1) first,
+# so it runs 'VALID' on a 33x33 (then 17x17) input.
+SHAPES = (
+    ('sonnet/enc_conv1_4x4s2_3-64@32', 32, 3, 64, 4, 2, 'SAME'),
+    ('sonnet/enc_conv2_4x4s2_64-128@16', 16, 64, 128, 4, 2, 'SAME'),
+    ('sonnet/enc_conv3_3x3_128-128@8', 8, 128, 128, 3, 1, 'SAME'),
+    ('sonnet/res_conv3_3x3_128-32@8', 8, 128, 32, 3, 1, 'SAME'),
+    ('sonnet/res_conv1_1x1_32-128@8', 8, 32, 128, 1, 1, 'SAME'),
+    ('sonnet/enc_out_1x1_128-64@8', 8, 128, 64, 1, 1, 'SAME'),
+    ('sonnet/dec_in_3x3_64-128@8', 8, 64, 128, 3, 1, 'SAME'),
+    ('sonnet/deconv1_subpixel_3x3_128-256@8', 8, 128, 256, 3, 1, 'SAME'),
+    ('sonnet/dec_out_subpixel_3x3_64-12@16', 16, 64, 12, 3, 1, 'SAME'),
+    ('taming/conv_in_3x3_3-64@32', 32, 3, 64, 3, 1, 'SAME'),
+    ('taming/block_3x3_64-64@32', 32, 64, 64, 3, 1, 'SAME'),
+    ('taming/downsample_3x3s2_64@33', 33, 64, 64, 3, 2, 'VALID'),
+    ('taming/block_3x3_64-128@16', 16, 64, 128, 3, 1, 'SAME'),
+    ('taming/nin_shortcut_1x1_64-128@16', 16, 64, 128, 1, 1, 'SAME'),
+    ('taming/block_3x3_128-128@16', 16, 128, 128, 3, 1, 'SAME'),
+    ('taming/downsample_3x3s2_128@17', 17, 128, 128, 3, 2, 'VALID'),
+    ('taming/block_3x3_128-128@8', 8, 128, 128, 3, 1, 'SAME'),
+    ('taming/dec_out_3x3_64-3@32', 32, 64, 3, 3, 1, 'SAME'),
+)
+IMPLS = ('xla', 'im2col')
+
+
+def _fns(impl, stride, padding):
+  def fwd(x, k):
+    return conv.conv2d(x, k, strides=(stride, stride), padding=padding, impl=impl)
+
+  def loss(x, k):
+    return jnp.sum(jnp.square(fwd(x, k).astype(jnp.float32)))
+
+  return {'fwd': jax.jit(fwd), 'grad': jax.jit(jax.grad(loss, argnums=(0, 1)))}
+
+
+def _time_once(fn, x, k):
+  start = time.perf_counter()
+  jax.block_until_ready(fn(x, k))
+  return (time.perf_counter() - start) * 1e3
+
+
+def _flops(n, hw, cin, cout, ksize, stride, padding):
+  pads = jax.lax.padtype_to_pads((hw, hw), (ksize, ksize), (stride, stride), padding)
+  out = (hw + sum(pads[0]) - ksize) // stride + 1
+  return 2 * n * out * out * ksize * ksize * cin * cout
+
+
+def main(argv):
+  del argv
+  dtype = jnp.dtype(_DTYPE.value)
+  n = _BATCH_SIZE.value
+  rng = np.random.default_rng(0)
+  totals = {f'{what}_{impl}': 0.0 for what in ('fwd', 'grad') for impl in IMPLS}
+  for name, hw, cin, cout, ksize, stride, padding in SHAPES:
+    if _ONLY.value not in name:
+      continue
+    x = jnp.asarray(rng.standard_normal((n, hw, hw, cin)), dtype)
+    k = jnp.asarray(rng.standard_normal((ksize, ksize, cin, cout)) / np.sqrt(9 * cin), dtype)
+    fns = {impl: _fns(impl, stride, padding) for impl in IMPLS}
+    row = {'shape': name, 'batch_size': n, 'dtype': _DTYPE.value}
+    for what in ('fwd', 'grad'):
+      for impl in IMPLS:
+        for _ in range(1 + _WARMUP.value):  # The first call compiles.
+          jax.block_until_ready(fns[impl][what](x, k))
+      times = {impl: [] for impl in IMPLS}
+      for rep in range(_REPS.value):
+        order = IMPLS if rep % 2 == 0 else IMPLS[::-1]
+        for impl in order:
+          times[impl].append(_time_once(fns[impl][what], x, k))
+      for impl in IMPLS:
+        ms = statistics.median(times[impl])
+        row[f'{what}_ms_{impl}'] = round(ms, 3)
+        totals[f'{what}_{impl}'] += ms
+      row[f'{what}_speedup'] = round(row[f'{what}_ms_xla'] / row[f'{what}_ms_im2col'], 2)
+    fwd_flops = _flops(n, hw, cin, cout, ksize, stride, padding)
+    # The gradient is two matmul-sized products (dx and dk) plus the forward.
+    row['grad_gflops_im2col'] = round(3 * fwd_flops / row['grad_ms_im2col'] / 1e6, 1)
+    row['grad_gflops_xla'] = round(3 * fwd_flops / row['grad_ms_xla'] / 1e6, 1)
+    print(json.dumps(row), flush=True)
+  summary = {'summary': True, 'backend': jax.default_backend(), 'reps': _REPS.value,
+             'batch_size': n, 'dtype': _DTYPE.value}
+  for key, value in totals.items():
+    summary[f'total_{key}_ms'] = round(value, 2)
+  if totals['grad_im2col']:
+    summary['total_grad_speedup'] = round(totals['grad_xla'] / totals['grad_im2col'], 2)
+    summary['total_fwd_speedup'] = round(totals['fwd_xla'] / totals['fwd_im2col'], 2)
+  print(json.dumps(summary), flush=True)
+
+
+if __name__ == '__main__':
+  app.run(main)
