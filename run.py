@@ -9,6 +9,7 @@ This file only parses flags; everything it calls lives in `vq/` and is what test
 the Colab notebook call too.
 """
 
+import logging as logging_std
 import os
 import sys
 
@@ -27,9 +28,18 @@ _MODE = flags.DEFINE_enum('mode', 'train', ['train', 'eval'],
 flags.mark_flags_as_required(['config', 'workdir'])
 
 
+class _QuietLibraries(logging_std.Filter):
+  """Drops INFO chatter of orbax and tfds (dozens of lines per checkpoint)."""
+
+  def filter(self, record):
+    noisy = any(f'/{lib}/' in record.pathname for lib in ('orbax', 'tensorflow_datasets'))
+    return not (noisy and record.levelno < logging_std.WARNING)
+
+
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f'Unexpected arguments: {argv[1:]}')
+  logging.get_absl_handler().addFilter(_QuietLibraries())
   # Imported here so that `--help` stays fast and flag errors come before JAX starts.
   from vq import config_validation  # pylint: disable=g-import-not-at-top
   from vq import evaluation  # pylint: disable=g-import-not-at-top

@@ -52,6 +52,12 @@ SHAPES = (
     ('taming/downsample_3x3s2_128@17', 17, 128, 128, 3, 2, 'VALID'),
     ('taming/block_3x3_128-128@8', 8, 128, 128, 3, 1, 'SAME'),
     ('taming/dec_out_3x3_64-3@32', 32, 64, 3, 3, 1, 'SAME'),
+    # Deeper taming nets (more ch_mult levels) reach 4x4 and 2x2 feature maps, where
+    # XLA:CPU's convolution is at its worst.
+    ('deep/block_3x3_512-512@4', 4, 512, 512, 3, 1, 'SAME'),
+    ('deep/block_3x3_512-512@2', 2, 512, 512, 3, 1, 'SAME'),
+    ('deep/downsample_3x3s2_256@9', 9, 256, 256, 3, 2, 'VALID'),
+    ('deep/downsample_3x3s2_256@5', 5, 256, 256, 3, 2, 'VALID'),
 )
 IMPLS = ('xla', 'im2col')
 
