@@ -16,6 +16,8 @@ import functools
 import json
 import os
 import pathlib
+import signal
+import threading
 import time
 from typing import Any
 
@@ -154,43 +156,96 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   meta = {'config': json.loads(config.to_json_best_effort()), 'objective': config.objective}
 
   window: list[Any] = []
+  window_first_step = start_step + 1
   window_start = time.perf_counter()
   window_steps = 0
   last: dict[str, float] = {}
-  step = start_step
+  preemption = _PreemptionFlag()
+
+  def flush_window(done: int) -> None:
+    """Host sync: average the window's metrics, refuse non-finite ones, log them."""
+    nonlocal window, window_steps, window_start, window_first_step, last
+    if not window:
+      return
+    host = jax.device_get([parallel.unreplicate(m) for m in window])
+    elapsed = time.perf_counter() - window_start
+    bad = [k for k in ('loss', 'grad_norm') if not all(np.isfinite(m[k]) for m in host)]
+    if bad:
+      good = ckpt.latest_step()
+      raise FloatingPointError(
+          f'non-finite {" and ".join(bad)} between steps {window_first_step} and {done}; the '
+          f'state was not saved; last good checkpoint: '
+          f'{"step " + str(good) if good is not None else "none"} in {ckpt.directory}. Lower '
+          'train.learning_rate or set train.grad_clip, then rerun to resume from it.')
+    last = {k: float(np.mean([m[k] for m in host])) for k in host[0]}
+    if window_steps:
+      last['images_per_s'] = window_steps * global_batch / elapsed
+      last['steps_per_s'] = window_steps / elapsed
+    writer.write_scalars(done, last)
+    logging.info('step %d: %s', done, ', '.join(f'{k}={v:.4g}' for k, v in sorted(last.items())))
+    window, window_steps, window_start = [], 0, time.perf_counter()
+    window_first_step = done + 1
+
   try:
-    for step in range(start_step, num_steps):
-      batch = parallel.shard(next(batches))
-      p_state, metrics = p_step(p_state, batch, p_rng)
-      window.append(metrics)
-      done = step + 1
-      if step == start_step:
-        # The first call compiles; time the loop from here so images/s means training.
-        jax.block_until_ready(metrics)
-        logging.info('vq: first step (compile + run) took %.1f s',
-                     time.perf_counter() - window_start)
-        window_start = time.perf_counter()
-      else:
-        window_steps += 1
-      report(done)
-      if done % config.train.log_every == 0 or done == num_steps:
-        host = jax.device_get([parallel.unreplicate(m) for m in window])
-        elapsed = time.perf_counter() - window_start
-        last = {k: float(np.mean([m[k] for m in host])) for k in host[0]}
-        if window_steps:
-          last['images_per_s'] = window_steps * global_batch / elapsed
-          last['steps_per_s'] = window_steps / elapsed
-        writer.write_scalars(done, last)
-        logging.info('step %d: %s', done, ', '.join(f'{k}={v:.4g}' for k, v in sorted(last.items())))
-        window, window_steps, window_start = [], 0, time.perf_counter()
-      if config.train.image_every and (done % config.train.image_every == 0 or done == num_steps):
-        host_state = parallel.to_host(p_state)
-        recons = reconstruct(ts.eval_params(host_state), host_state.vq_stats, grid_originals)
-        if is_main:
-          save_grid(workdir / 'images' / f'step_{done:07d}.png', grid_originals, recons)
-      if done % config.train.checkpoint_every == 0 or done == num_steps:
-        ckpt.save(done, parallel.to_host(p_state), meta)
+    with preemption:
+      for step in range(start_step, num_steps):
+        batch = parallel.shard(next(batches))
+        p_state, metrics = p_step(p_state, batch, p_rng)
+        window.append(metrics)
+        done = step + 1
+        if step == start_step:
+          # The first call compiles; time the loop from here so images/s means training.
+          jax.block_until_ready(metrics)
+          logging.info('vq: first step (compile + run) took %.1f s',
+                       time.perf_counter() - window_start)
+          window_start = time.perf_counter()
+        else:
+          window_steps += 1
+        report(done)
+        stopping = preemption.requested
+        save_now = done % config.train.checkpoint_every == 0 or done == num_steps or stopping
+        if done % config.train.log_every == 0 or save_now:
+          flush_window(done)  # raises before a non-finite state can be saved
+        if config.train.image_every and (done % config.train.image_every == 0
+                                         or done == num_steps):
+          host_state = parallel.to_host(p_state)
+          recons = reconstruct(ts.eval_params(host_state), host_state.vq_stats, grid_originals)
+          if is_main:
+            save_grid(workdir / 'images' / f'step_{done:07d}.png', grid_originals, recons)
+        if save_now:
+          ckpt.save(done, parallel.to_host(p_state), meta, force=stopping)
+        if stopping:
+          ckpt.wait()
+          message = (f'vq: received {preemption.requested}; saved checkpoint at step {done} '
+                     f'in {ckpt.directory}; rerun the same command to resume.')
+          logging.warning('%s', message)
+          print(message, flush=True)
+          break
   finally:
     writer.flush()
     ckpt.close()
+    batches.close()
   return last
+
+
+class _PreemptionFlag:
+  """SIGTERM/SIGINT set a flag; the loop finishes its step, saves and exits cleanly."""
+
+  def __init__(self):
+    self.requested: str | None = None
+    self._previous = {}
+
+  def _handle(self, signum, frame):
+    del frame
+    self.requested = signal.Signals(signum).name
+
+  def __enter__(self):
+    if threading.current_thread() is threading.main_thread():
+      for sig in (signal.SIGTERM, signal.SIGINT):
+        self._previous[sig] = signal.signal(sig, self._handle)
+    return self
+
+  def __exit__(self, *exc):
+    for sig, handler in self._previous.items():
+      signal.signal(sig, handler)
+    return False
