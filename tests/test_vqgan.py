@@ -1,6 +1,7 @@
 """The VQ-GAN step against explicit, separately computed gradients."""
 
 import functools
+import json
 
 import chex
 import jax
@@ -172,3 +173,25 @@ def test_vqgan_steps_run_and_stay_finite():
   # EMA weights moved towards the params but are not equal to them.
   leaf = lambda t: np.asarray(t['decoder']['conv_out']['kernel'])
   assert not np.array_equal(leaf(state.ema_params), leaf(state.params))
+
+
+def test_vqgan_smoke_with_lpips_trains_two_steps_then_resumes(tmp_path):
+  from vq import checkpointing  # pylint: disable=g-import-not-at-top
+  from vq import trainer  # pylint: disable=g-import-not-at-top
+  config = _config(**{'loss.perceptual_weight': 1.0, 'loss.disc_start': 1,
+                      'loss.disc_warmup': 1, 'train.num_steps': 2, 'train.log_every': 1,
+                      'train.image_every': 0, 'train.ema_decay': 0.9})
+  trainer.train_and_evaluate(config, str(tmp_path))
+  config.train.num_steps = 3
+  last = trainer.train_and_evaluate(config, str(tmp_path))
+  assert last['perceptual_loss'] > 0 and last['d_weight'] > 0
+  ckpt = checkpointing.Checkpointer(tmp_path / 'checkpoints')
+  assert ckpt.all_steps() == [2, 3]
+  meta = ckpt.read_meta(3)
+  ckpt.close()
+  assert meta['objective'] == 'vqgan'
+  records = [json.loads(l) for l in (tmp_path / 'metrics.jsonl').read_text().splitlines()]
+  logged = [r for r in records if 'd_loss' in r]
+  assert [r['step'] for r in logged] == [1, 2, 3]
+  for key in ('d_weight', 'logits_real', 'logits_fake', 'd_loss', 'g_loss', 'perceptual_loss'):
+    assert key in logged[-1]
