@@ -1,4 +1,4 @@
-"""2-D convolution that is fast on XLA:CPU: im2col + one matmul, with a drop-in Flax layer.
+"""2-D convolution that avoids XLA:CPU's slow convolution cases, with a drop-in Flax layer.
 
 Usage sketch::
 
@@ -9,13 +9,19 @@ Usage sketch::
   variables = layer.init(rng, x)
   y = layer.apply(variables, x)
 
-Why: XLA:CPU's convolution, and above all its gradient, runs far below the speed of its
-matmul (the gradient of a 3x3 128->256 conv at 8x8, batch 64, runs at ~70 GFLOP/s against
-~470 GFLOP/s for a matmul on the same cores). Gathering the kh*kw shifted (strided) input
-slices, concatenating them on channels and doing one matmul turns forward and both
-gradients into large matmuls plus cheap slicing, which XLA:CPU does well. On GPU and TPU
-the vendor convolutions are fast, so `impl='auto'` keeps `lax.conv_general_dilated` there.
-`benchmarks/conv_layers.py` measures both paths per layer shape.
+Two implementations give the same numbers as `lax.conv_general_dilated`:
+- 'xla': `lax.conv_general_dilated` itself.
+- 'im2col': gather the kh*kw shifted (strided) input slices, concatenate them on channels
+  and do one matmul; a 1x1 convolution is a plain matmul. Blocks of images (or of output
+  rows) are processed in a `lax.scan` so the kh*kw-times larger im2col buffer stays in
+  cache, with a custom VJP that recomputes each block's buffer for both gradients.
+
+XLA:CPU's convolution runs near its matmul speed for most shapes, but it collapses on some:
+a 3x3 conv whose output is 2x2 (or an input gradient whose output is <= 3 pixels wide) is
+30-100x slower than the same work as a matmul, 1x1 convs and unpadded stride-2 convs (taming's
+Downsample) are 1.2-3x slower. `impl='auto'` (see `select_impl`) routes exactly those shapes
+to im2col on CPU and keeps XLA's convolution elsewhere, and everywhere on GPU/TPU.
+`benchmarks/conv_layers.py` measures both implementations per layer shape.
 """
 
 from __future__ import annotations
@@ -36,29 +42,46 @@ IMPLS = ('auto', 'xla', 'im2col')
 _DIMENSION_NUMBERS = ('NHWC', 'HWIO', 'NHWC')
 
 
-def resolve_impl(impl: str, backend: str | None = None) -> str:
-  """Maps `impl` to the implementation actually run: 'xla' or 'im2col'.
+def select_impl(impl: str, kernel_hw: Sequence[int], strides: Sequence[int],
+                pads: Sequence[tuple[int, int]], out_hw: Sequence[int],
+                backend: str | None = None) -> str:
+  """The implementation `conv2d` runs for one convolution: 'xla' or 'im2col'.
 
-  `'auto'` picks im2col on the CPU backend, where it beat XLA's convolution on the forward
-  and gradient of every layer shape of the Sonnet and taming networks (see
-  `benchmarks/conv_layers.py`), and lax convolutions on GPU/TPU, whose cuDNN/TPU kernels
-  are fast and which would otherwise pay the memory of the kh*kw-times larger im2col
-  buffer.
+  `impl='auto'` picks im2col only on the CPU backend and only where it was measured to win
+  (benchmarks/conv_layers.py, batch 64, 2-core x86, interleaved medians):
+  - 1x1 kernels: a plain matmul; gradient 1.2-3x faster than XLA's convolution.
+  - outputs at most 3 pixels high or wide: XLA:CPU's convolution and its input gradient
+    fall off a cliff there (3x3 512->512 conv at 2x2: 1.2 s vs 15 ms forward).
+  - strided convolutions without padding (taming's Downsample: pad (0, 1), 3x3 stride 2
+    'VALID'): 1.1-1.8x faster forward and gradient.
+  Everything else (3x3 'SAME' convs at 8x8-32x32, 4x4 stride-2 'SAME' convs, convs with
+  few output channels) stays on XLA's convolution, which matched or beat im2col there.
+  On GPU/TPU the vendor convolutions are fast, so 'auto' is always 'xla'.
 
   Args:
     impl: 'auto', 'xla' or 'im2col'.
+    kernel_hw: (kh, kw).
+    strides: (sh, sw).
+    pads: ((lo, hi), (lo, hi)) explicit padding.
+    out_hw: (oh, ow) output size.
     backend: backend name; defaults to `jax.default_backend()`.
 
   Returns:
     'xla' or 'im2col'.
   """
   if impl not in IMPLS:
-    raise ValueError(f'conv impl must be one of {IMPLS}, got {impl!r}; pass e.g. '
-                     "impl='auto'.")
+    raise ValueError(f"conv impl must be one of {IMPLS}, got {impl!r}; use impl='auto' "
+                     'unless you are benchmarking.')
   if impl != 'auto':
     return impl
   backend = jax.default_backend() if backend is None else backend
-  return 'im2col' if backend == 'cpu' else 'xla'
+  if backend != 'cpu':
+    return 'xla'
+  if tuple(kernel_hw) == (1, 1) or min(out_hw) <= 3:
+    return 'im2col'
+  if max(strides) > 1 and not any(lo or hi for lo, hi in pads):
+    return 'im2col'
+  return 'xla'
 
 
 def _explicit_padding(padding: Padding, in_hw: Sequence[int], kernel_hw: Sequence[int],
@@ -78,11 +101,11 @@ def _explicit_padding(padding: Padding, in_hw: Sequence[int], kernel_hw: Sequenc
   return tuple((int(lo), int(hi)) for lo, hi in pads)
 
 
-# Target size of one block's im2col buffer. The gradient's im2col buffer for a whole batch
-# is kh*kw times the input (151 MB for a 3x3 conv over 64x32x32x64): on XLA:CPU writing
-# it once costs more than the matmul (page faults on fresh allocations, DRAM bandwidth).
-# Blocks of about this size stay in the per-core L2 cache; `benchmarks/conv_layers.py`
-# was used to pick it (1-4 MiB were within noise of each other, 16 MiB was slower).
+# Target size of one block's im2col buffer. A whole batch's buffer is kh*kw times the input
+# (151 MB for a 3x3 conv over 64x32x32x64); on XLA:CPU writing and re-reading it costs more
+# than the matmul (page faults on fresh allocations, DRAM bandwidth), while blocks this size
+# stay in cache. Measured on the gradient of 3x3 convs at batch 64: 0.5-8 MiB blocks were
+# within noise of each other, one unblocked buffer was 1.2-1.9x slower.
 _BLOCK_BYTES = 2 * 2**20
 
 
@@ -232,15 +255,10 @@ _blocked_im2col.defvjp(_blocked_im2col_fwd, _blocked_im2col_bwd)
 def _im2col_conv(x: Array, kernel: Array, strides: tuple[int, int],
                  pads: tuple[tuple[int, int], ...]) -> Array:
   kh, kw, cin, cout = kernel.shape
-  dtype = jnp.result_type(x.dtype, kernel.dtype)
-  x, kernel = x.astype(dtype), kernel.astype(dtype)
+  dtype = x.dtype
   # lax.pad also crops for negative padding, like the convolution does.
   x = jax.lax.pad(x, jnp.zeros((), dtype),
                   ((0, 0, 0),) + tuple((lo, hi, 0) for lo, hi in pads) + ((0, 0, 0),))
-  n, hp, wp, _ = x.shape
-  if hp < kh or wp < kw:
-    raise ValueError(f'conv2d output would be empty: padded input {hp}x{wp} is smaller '
-                     f'than the {kh}x{kw} kernel; pad more or use a smaller kernel.')
   if kh == kw == 1:
     # A 1x1 convolution is a matmul over (strided) pixels; XLA differentiates it well.
     x = x[:, ::strides[0], ::strides[1], :]
@@ -260,8 +278,8 @@ def conv2d(x: Array, kernel: Array, *, strides: Sequence[int] = (1, 1),
     kernel: [kh, kw, Cin, Cout] kernel.
     strides: (sh, sw) window strides.
     padding: 'SAME', 'VALID', an int, or ((lo, hi), (lo, hi)) explicit padding.
-    impl: 'xla' (lax convolution), 'im2col' (slices + one matmul), or 'auto' (im2col on
-      CPU, xla elsewhere; see `resolve_impl`).
+    impl: 'xla' (lax convolution), 'im2col' (slices + one matmul), or 'auto' (im2col
+      for the CPU shapes where XLA's convolution is slow; see `select_impl`).
 
   Returns:
     [N, H', W', Cout] output in the promoted dtype of `x` and `kernel`.
@@ -276,7 +294,15 @@ def conv2d(x: Array, kernel: Array, *, strides: Sequence[int] = (1, 1),
   if len(strides) != 2 or min(strides) < 1:
     raise ValueError(f'conv2d strides must be two positive ints, got {strides}.')
   pads = _explicit_padding(padding, x.shape[1:3], kernel.shape[:2], strides)
-  if resolve_impl(impl) == 'xla':
+  out_hw = tuple((n + lo + hi - k) // s + 1 for n, (lo, hi), k, s
+                 in zip(x.shape[1:3], pads, kernel.shape[:2], strides))
+  if min(out_hw) <= 0:
+    raise ValueError(f'conv2d output would be empty: input {x.shape[1:3]} padded by {pads} '
+                     f'is smaller than the kernel {kernel.shape[:2]}; pad more or use a '
+                     'smaller kernel.')
+  dtype = jnp.result_type(x.dtype, kernel.dtype)
+  x, kernel = x.astype(dtype), kernel.astype(dtype)
+  if select_impl(impl, kernel.shape[:2], strides, pads, out_hw) == 'xla':
     return jax.lax.conv_general_dilated(x, kernel, strides, pads,
                                         dimension_numbers=_DIMENSION_NUMBERS)
   return _im2col_conv(x, kernel, strides, pads)
