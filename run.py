@@ -25,6 +25,10 @@ _WORKDIR = flags.DEFINE_string('workdir', None, 'Directory for checkpoints, logs
 _MODE = flags.DEFINE_enum('mode', 'train', ['train', 'eval'],
                           'train: train (resuming from workdir) then stop; '
                           'eval: evaluate the latest checkpoint in workdir.')
+_REINIT = flags.DEFINE_bool(
+    'reinit_unusable_checkpoints', False,
+    'If the workdir has checkpoints but none can be restored, move them aside '
+    '(checkpoints.unusable-<time>) and train from step 0 instead of stopping.')
 flags.mark_flags_as_required(['config', 'workdir'])
 
 
@@ -41,6 +45,7 @@ def main(argv):
     raise app.UsageError(f'Unexpected arguments: {argv[1:]}')
   logging.get_absl_handler().addFilter(_QuietLibraries())
   # Imported here so that `--help` stays fast and flag errors come before JAX starts.
+  from vq import checkpointing  # pylint: disable=g-import-not-at-top
   from vq import config_validation  # pylint: disable=g-import-not-at-top
   from vq import evaluation  # pylint: disable=g-import-not-at-top
   from vq import trainer  # pylint: disable=g-import-not-at-top
@@ -49,11 +54,13 @@ def main(argv):
   config = _CONFIG.value
   try:
     if _MODE.value == 'train':
-      trainer.train_and_evaluate(config, _WORKDIR.value)
+      trainer.train_and_evaluate(config, _WORKDIR.value,
+                                 reinit_unusable_checkpoints=_REINIT.value)
     else:
       results = evaluation.evaluate(config, _WORKDIR.value)
       print(json.dumps(results, indent=2, sort_keys=True))
-  except (config_validation.ConfigError, ValueError, FileNotFoundError) as e:
+  except (config_validation.ConfigError, checkpointing.UnusableCheckpoints, ValueError,
+          FileNotFoundError) as e:
     # Our own errors are one line that says what to fix; VQ_DEBUG=1 shows the traceback.
     if os.environ.get('VQ_DEBUG'):
       raise

@@ -9,7 +9,8 @@ ch_mult (1, 2, 2)) at 32x32 input, times `jit(grad(sum(conv2d(x, k) ** 2)))` wit
 to (x, k) and the forward `jit(conv2d)` for impl='xla' and impl='im2col'. The two impls
 are run interleaved, alternating which goes first, so that load from other processes on
 shared cores hits both alike. Prints one JSON line per shape (median milliseconds of
-`--reps` runs after warm-up, and the speed-up xla/im2col) and a final summary line.
+`--reps` runs after warm-up, the speed-up xla/im2col, and which impl `impl='auto'` picks)
+and a final summary line with the totals of each impl and of the auto choice.
 """
 
 import json
@@ -78,23 +79,18 @@ def _time_once(fn, x, k):
   return (time.perf_counter() - start) * 1e3
 
 
-def _flops(n, hw, cin, cout, ksize, stride, padding):
-  pads = jax.lax.padtype_to_pads((hw, hw), (ksize, ksize), (stride, stride), padding)
-  out = (hw + sum(pads[0]) - ksize) // stride + 1
-  return 2 * n * out * out * ksize * ksize * cin * cout
-
-
 def main(argv):
   del argv
   dtype = jnp.dtype(_DTYPE.value)
   n = _BATCH_SIZE.value
   rng = np.random.default_rng(0)
-  totals = {f'{what}_{impl}': 0.0 for what in ('fwd', 'grad') for impl in IMPLS}
+  totals = {f'{what}_{impl}': 0.0 for what in ('fwd', 'grad') for impl in IMPLS + ('auto',)}
+  per_net = {}
   for name, hw, cin, cout, ksize, stride, padding in SHAPES:
     if _ONLY.value not in name:
       continue
     x = jnp.asarray(rng.standard_normal((n, hw, hw, cin)), dtype)
-    k = jnp.asarray(rng.standard_normal((ksize, ksize, cin, cout)) / np.sqrt(9 * cin), dtype)
+    k = jnp.asarray(rng.standard_normal((ksize, ksize, cin, cout)) / np.sqrt(ksize * ksize * cin), dtype)
     fns = {impl: _fns(impl, stride, padding) for impl in IMPLS}
     row = {'shape': name, 'batch_size': n, 'dtype': _DTYPE.value}
     for what in ('fwd', 'grad'):
@@ -111,7 +107,16 @@ def main(argv):
         row[f'{what}_ms_{impl}'] = round(ms, 3)
         totals[f'{what}_{impl}'] += ms
       row[f'{what}_speedup'] = round(row[f'{what}_ms_xla'] / row[f'{what}_ms_im2col'], 2)
-    fwd_flops = _flops(n, hw, cin, cout, ksize, stride, padding)
+    pads = jax.lax.padtype_to_pads((hw, hw), (ksize, ksize), (stride, stride), padding)
+    out = (hw + sum(pads[0]) - ksize) // stride + 1
+    auto = conv.select_impl('auto', (ksize, ksize), (stride, stride), pads, (out, out))
+    row['auto_picks'] = auto
+    for what in ('fwd', 'grad'):
+      totals[f'{what}_auto'] += row[f'{what}_ms_{auto}']
+    net = per_net.setdefault(name.split('/')[0], {'grad_ms_xla': 0.0, 'grad_ms_auto': 0.0})
+    net['grad_ms_xla'] += row['grad_ms_xla']
+    net['grad_ms_auto'] += row[f'grad_ms_{auto}']
+    fwd_flops = 2 * n * out * out * ksize * ksize * cin * cout
     # The gradient is two matmul-sized products (dx and dk) plus the forward.
     row['grad_gflops_im2col'] = round(3 * fwd_flops / row['grad_ms_im2col'] / 1e6, 1)
     row['grad_gflops_xla'] = round(3 * fwd_flops / row['grad_ms_xla'] / 1e6, 1)
@@ -120,9 +125,13 @@ def main(argv):
              'batch_size': n, 'dtype': _DTYPE.value}
   for key, value in totals.items():
     summary[f'total_{key}_ms'] = round(value, 2)
-  if totals['grad_im2col']:
-    summary['total_grad_speedup'] = round(totals['grad_xla'] / totals['grad_im2col'], 2)
-    summary['total_fwd_speedup'] = round(totals['fwd_xla'] / totals['fwd_im2col'], 2)
+  if totals['grad_auto']:
+    # How much faster impl='auto' runs these layers than XLA's convolution alone.
+    summary['total_grad_speedup_auto_vs_xla'] = round(totals['grad_xla'] / totals['grad_auto'],
+                                                      2)
+    summary['total_fwd_speedup_auto_vs_xla'] = round(totals['fwd_xla'] / totals['fwd_auto'], 2)
+  summary['grad_ms_per_net'] = {
+      net: {key: round(value, 1) for key, value in ms.items()} for net, ms in per_net.items()}
   print(json.dumps(summary), flush=True)
 
 

@@ -1,4 +1,4 @@
-"""2-D convolution that avoids XLA:CPU's slow convolution cases, with a drop-in Flax layer.
+"""2-D convolution that sidesteps XLA:CPU's slow convolution shapes; a drop-in Flax layer.
 
 Usage sketch::
 
@@ -16,11 +16,11 @@ Two implementations give the same numbers as `lax.conv_general_dilated`:
   rows) are processed in a `lax.scan` so the kh*kw-times larger im2col buffer stays in
   cache, with a custom VJP that recomputes each block's buffer for both gradients.
 
-XLA:CPU's convolution runs near its matmul speed for most shapes, but it collapses on some:
-a 3x3 conv whose output is 2x2 (or an input gradient whose output is <= 3 pixels wide) is
-30-100x slower than the same work as a matmul, 1x1 convs and unpadded stride-2 convs (taming's
-Downsample) are 1.2-3x slower. `impl='auto'` (see `select_impl`) routes exactly those shapes
-to im2col on CPU and keeps XLA's convolution elsewhere, and everywhere on GPU/TPU.
+XLA:CPU's convolution runs near its matmul speed for most shapes but collapses on some: a
+3x3 conv with a 2x2 output, or an input gradient whose output is at most 3 pixels wide, is
+18-80x slower than the same work as a matmul; 1x1 convs and unpadded stride-2 convs
+(taming's Downsample) are 1.1-3x slower. `impl='auto'` (see `select_impl`) routes exactly
+those shapes to im2col on CPU and keeps XLA's convolution elsewhere, and on GPU/TPU.
 `benchmarks/conv_layers.py` measures both implementations per layer shape.
 """
 
@@ -316,8 +316,8 @@ class Conv(nn.Module):
 
   Attributes:
     features: output channels.
-    kernel_size: (kh, kw), or an int for a square kernel.
-    strides: (sh, sw), or an int.
+    kernel_size: (kh, kw).
+    strides: (sh, sw), or an int for both.
     padding: 'SAME', 'VALID', 'CIRCULAR', 'REFLECT', an int, or ((lo, hi), (lo, hi)).
     use_bias: add a learned per-channel bias.
     dtype: computation dtype (default: promoted from input and parameters, as in nn.Conv).
@@ -339,9 +339,11 @@ class Conv(nn.Module):
 
   @nn.compact
   def __call__(self, x: Array) -> Array:
-    kernel_size = ((self.kernel_size,) * 2 if isinstance(self.kernel_size, int)
+    # As in nn.Conv, an int kernel_size is a 1-D kernel and an int stride is broadcast.
+    kernel_size = ((self.kernel_size,) if isinstance(self.kernel_size, int)
                    else tuple(self.kernel_size))
-    strides = (self.strides,) * 2 if isinstance(self.strides, int) else tuple(self.strides)
+    strides = ((self.strides,) * len(kernel_size) if isinstance(self.strides, int)
+               else tuple(self.strides))
     if len(kernel_size) != 2 or len(strides) != 2:
       raise ValueError(f'vq.conv.Conv is 2-D only: got kernel_size={self.kernel_size}, '
                        f'strides={self.strides}; use flax.linen.Conv for other ranks.')

@@ -105,8 +105,16 @@ def save_grid(path: pathlib.Path, originals: np.ndarray, recons: np.ndarray) -> 
   vq_images.save_png(path, grid)
 
 
-def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float]:
-  """Trains `config` in `workdir` (resuming if checkpoints exist); returns last metrics."""
+def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
+                       reinit_unusable_checkpoints: bool = False) -> dict[str, float]:
+  """Trains `config` in `workdir` (resuming if checkpoints exist); returns last metrics.
+
+  Args:
+    config: the experiment config.
+    workdir: checkpoints, logs and images go here.
+    reinit_unusable_checkpoints: if checkpoints exist but none can be restored, move them
+      to `checkpoints.unusable-<time>` and start from step 0 (otherwise: an error).
+  """
   num_devices = jax.local_device_count()
   config_validation.validate(config, num_devices=num_devices,
                              process_count=jax.process_count())
@@ -119,8 +127,20 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   lpips_params = load_lpips_if_needed(config) if ts.uses_lpips(config) else None
   image_shape = train_source.image_shape
   state = build_state(config, image_shape, lpips_params)
-  ckpt = checkpointing.Checkpointer(workdir / 'checkpoints', keep=config.train.keep_checkpoints)
-  state, start_step = ckpt.restore_or_init(state)
+  config_json = json.loads(config.to_json_best_effort())
+  ckpt_dir = workdir / 'checkpoints'
+  ckpt = checkpointing.Checkpointer(ckpt_dir, keep=config.train.keep_checkpoints)
+  try:
+    state, start_step = ckpt.restore_or_init(state, config_json)
+  except checkpointing.UnusableCheckpoints:
+    if not reinit_unusable_checkpoints:
+      raise
+    ckpt.close()
+    aside = ckpt_dir.with_name(f'checkpoints.unusable-{time.strftime("%Y%m%d-%H%M%S")}')
+    ckpt_dir.rename(aside)  # set aside, never deleted
+    logging.warning('vq: unusable checkpoints moved to %s; starting from step 0.', aside)
+    ckpt = checkpointing.Checkpointer(ckpt_dir, keep=config.train.keep_checkpoints)
+    start_step = 0
   write_config(config, workdir)
 
   global_batch = config.train.batch_size
@@ -153,7 +173,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   num_steps = config.train.num_steps
   report = periodic_actions.ReportProgress(num_train_steps=num_steps, writer=writer,
                                            every_secs=None, every_steps=config.train.log_every)
-  meta = {'config': json.loads(config.to_json_best_effort()), 'objective': config.objective}
+  meta = {'config': config_json, 'objective': config.objective}
 
   window: list[Any] = []
   window_first_step = start_step + 1
