@@ -145,3 +145,21 @@ def test_smoke_shrinks_the_config():
   full, smoke = vqvae_cifar.get_config(), base.shrink_for_smoke(vqvae_cifar.get_config())
   assert smoke.train.num_steps < full.train.num_steps
   assert smoke.train.batch_size < full.train.batch_size
+
+
+def test_eval_batch_larger_than_split_is_rejected():
+  config = vqvae_cifar.get_config('smoke')
+  config.eval.max_examples = 40
+  with pytest.raises(ConfigError, match=r'eval.batch_size=64 is larger than the 40 examples'):
+    config_validation.validate_eval_size(config, 10_000)
+  config.eval.max_examples = 0
+  config_validation.validate_eval_size(config, 64)  # exactly one batch is fine
+
+
+def test_unwritable_workdir_fails_before_compiling(tmp_path):
+  blocker = tmp_path / 'a_file'
+  blocker.write_text('x')
+  result = _run_cli('--config=experiments/vqvae_cifar.py:smoke', f'--workdir={blocker}/sub')
+  assert result.returncode == 2
+  lines = [l for l in result.stderr.splitlines() if l.startswith('error:')]
+  assert len(lines) == 1 and 'cannot be created' in lines[0], result.stderr[-2000:]

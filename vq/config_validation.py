@@ -155,3 +155,12 @@ def validate(config: ml_collections.ConfigDict, *, num_devices: int,
       _fail('disc.n_layers', c.disc.n_layers,
             f'downsamples {c.data.image_size}px images below 4px before the two 4x4 convs',
             'use fewer layers for small images (2 for 32x32)')
+
+
+def validate_eval_size(config: ml_collections.ConfigDict, num_examples: int) -> None:
+  """The eval batch must not exceed the examples evaluated (it would be mostly padding)."""
+  n = min(num_examples, config.eval.max_examples or num_examples)
+  if config.eval.batch_size > n:
+    _fail('eval.batch_size', config.eval.batch_size,
+          f'is larger than the {n} examples evaluated from {config.eval.dataset!r}',
+          'use a batch size at most that (and divisible by the device count)')

@@ -78,6 +78,7 @@ def evaluate_params(config: ml_collections.ConfigDict, params: Any, vq_stats: An
     source = data.open_source(config.eval.dataset, image_size=config.data.image_size,
                               data_dir=config.data.data_dir or None,
                               resize=config.data.resize, download=config.data.download)
+  config_validation.validate_eval_size(config, len(source))
   if config.eval.max_examples:
     source = data.take(source, config.eval.max_examples)
   with_lpips = lpips_params is not None

@@ -124,6 +124,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
 
   train_source = open_train_source(config)
   eval_source = open_eval_source(config)
+  config_validation.validate_eval_size(config, len(eval_source))
   lpips_params = load_lpips_if_needed(config) if ts.uses_lpips(config) else None
   image_shape = train_source.image_shape
   state = build_state(config, image_shape, lpips_params)
