@@ -22,9 +22,18 @@ _CONFIG = config_flags.DEFINE_config_file(
     'config', None, 'Experiment config file, e.g. experiments/vqgan_cifar.py[:smoke].',
     lock_config=True)
 _WORKDIR = flags.DEFINE_string('workdir', None, 'Directory for checkpoints, logs and images.')
-_MODE = flags.DEFINE_enum('mode', 'train', ['train', 'eval'],
-                          'train: train (resuming from workdir) then stop; '
-                          'eval: evaluate the latest checkpoint in workdir.')
+_MODE = flags.DEFINE_enum(
+    'mode', 'train', ['train', 'eval', 'reconstruct', 'encode', 'decode'],
+    'train: train (resuming from workdir). eval: evaluate the latest checkpoint on '
+    'config.eval.dataset. reconstruct: --dataset -> PNG grid (inputs above reconstructions) '
+    'and per-image PSNR in --out. encode: --dataset -> .npz of token indices at --out (with '
+    'the config hash and checkpoint step). decode: --tokens .npz -> PNG images in --out.')
+_DATASET = flags.DEFINE_string('dataset', None, 'reconstruct/encode: dataset spec '
+                               '(tfds:NAME:SPLIT, npz:PATH, folder:PATH); default config.eval.dataset.')
+_OUT = flags.DEFINE_string('out', None, 'reconstruct/decode: output folder; encode: output .npz.')
+_TOKENS = flags.DEFINE_string('tokens', None, 'decode: the .npz written by --mode=encode.')
+_MAX_IMAGES = flags.DEFINE_integer('max_images', None, 'reconstruct: images in the grid '
+                                   '(default 64); encode: first N images (default all).')
 _REINIT = flags.DEFINE_bool(
     'reinit_unusable_checkpoints', False,
     'If the workdir has checkpoints but none can be restored, move them aside '
@@ -38,6 +47,27 @@ class _QuietLibraries(logging_std.Filter):
   def filter(self, record):
     noisy = any(f'/{lib}/' in record.pathname for lib in ('orbax', 'tensorflow_datasets'))
     return not (noisy and record.levelno < logging_std.WARNING)
+
+
+def _tokenizer_mode(config):
+  """--mode=reconstruct|encode|decode with a trained tokenizer from --workdir."""
+  from vq import inference  # pylint: disable=g-import-not-at-top
+  mode = _MODE.value
+  if not _OUT.value:
+    raise ValueError(f'--mode={mode} needs --out (a folder for PNGs, or the .npz path for '
+                     'encode).')
+  if mode == 'decode' and not _TOKENS.value:
+    raise ValueError('--mode=decode needs --tokens=PATH.npz (written by --mode=encode).')
+  tok = inference.Tokenizer.from_workdir(config, _WORKDIR.value)
+  spec = _DATASET.value or config.eval.dataset
+  data_dir = config.data.data_dir or None
+  if mode == 'reconstruct':
+    return inference.reconstruct_dataset(tok, spec, _OUT.value, data_dir=data_dir,
+                                         max_images=_MAX_IMAGES.value or 64)
+  if mode == 'encode':
+    return inference.encode_dataset(tok, spec, _OUT.value, data_dir=data_dir,
+                                    max_images=_MAX_IMAGES.value or 0)
+  return {'written': inference.decode_file(tok, _TOKENS.value, _OUT.value)}
 
 
 def main(argv):
@@ -56,9 +86,11 @@ def main(argv):
     if _MODE.value == 'train':
       trainer.train_and_evaluate(config, _WORKDIR.value,
                                  reinit_unusable_checkpoints=_REINIT.value)
-    else:
+    elif _MODE.value == 'eval':
       results = evaluation.evaluate(config, _WORKDIR.value)
       print(json.dumps(results, indent=2, sort_keys=True))
+    else:
+      print(json.dumps(_tokenizer_mode(config), indent=2, sort_keys=True, default=str))
   except (config_validation.ConfigError, checkpointing.UnusableCheckpoints, ValueError,
           FileNotFoundError) as e:
     # Our own errors are one line that says what to fix; VQ_DEBUG=1 shows the traceback.

@@ -2,16 +2,16 @@
 
 Usage (from the repository root):
 
-  python -m benchmarks.conv_layers --batch_size=64 --reps=15
+  python -m benchmarks.conv_layers --batch_size=64 --reps=11
 
 For every convolution shape of the Sonnet CIFAR VQ-VAE and the taming network (ch 64,
-ch_mult (1, 2, 2)) at 32x32 input, times `jit(grad(sum(conv2d(x, k) ** 2)))` with respect
-to (x, k) and the forward `jit(conv2d)` for impl='xla' and impl='im2col'. The two impls
-are run interleaved, alternating which goes first, so that load from other processes on
-shared cores hits both alike. Prints one JSON line per shape (median milliseconds of
-`--reps` runs after warm-up, the speed-up xla/im2col, and which impl `impl='auto'` picks)
-and a final summary line with the totals of each impl and of the auto choice.
-"""
+ch_mult (1, 2, 2)) at 32x32 input, plus the 4x4 and 2x2 maps of deeper taming nets, times
+`jit(grad(sum(conv2d(x, k) ** 2)))` with respect to (x, k) and the forward
+`jit(conv2d)` for impl='xla', 'im2col' and 'mixed' (whose forward is XLA's). The impls run
+interleaved, rotating which goes first, so load from other processes on shared cores hits
+them alike. Prints one JSON line per shape (median milliseconds of `--reps` runs after
+warm-up, speed-ups over xla, and the impl that `impl='auto'` picks) and a summary line
+with the totals of each impl and of the auto choice, overall and per network."""
 
 import json
 import statistics
@@ -60,7 +60,7 @@ SHAPES = (
     ('deep/downsample_3x3s2_256@9', 9, 256, 256, 3, 2, 'VALID'),
     ('deep/downsample_3x3s2_256@5', 5, 256, 256, 3, 2, 'VALID'),
 )
-IMPLS = ('xla', 'im2col')
+IMPLS = ('xla', 'im2col', 'mixed')
 
 
 def _fns(impl, stride, padding):
@@ -99,17 +99,20 @@ def main(argv):
           jax.block_until_ready(fns[impl][what](x, k))
       times = {impl: [] for impl in IMPLS}
       for rep in range(_REPS.value):
-        order = IMPLS if rep % 2 == 0 else IMPLS[::-1]
+        order = IMPLS[rep % len(IMPLS):] + IMPLS[:rep % len(IMPLS)]
         for impl in order:
           times[impl].append(_time_once(fns[impl][what], x, k))
       for impl in IMPLS:
         ms = statistics.median(times[impl])
         row[f'{what}_ms_{impl}'] = round(ms, 3)
         totals[f'{what}_{impl}'] += ms
-      row[f'{what}_speedup'] = round(row[f'{what}_ms_xla'] / row[f'{what}_ms_im2col'], 2)
+      for impl in IMPLS[1:]:
+        row[f'{what}_speedup_{impl}'] = round(row[f'{what}_ms_xla'] / row[f'{what}_ms_{impl}'],
+                                              2)
     pads = jax.lax.padtype_to_pads((hw, hw), (ksize, ksize), (stride, stride), padding)
     out = (hw + sum(pads[0]) - ksize) // stride + 1
-    auto = conv.select_impl('auto', (ksize, ksize), (stride, stride), pads, (out, out))
+    auto = conv.select_impl('auto', (ksize, ksize, cin, cout), (stride, stride), pads,
+                            (out, out))
     row['auto_picks'] = auto
     for what in ('fwd', 'grad'):
       totals[f'{what}_auto'] += row[f'{what}_ms_{auto}']
@@ -118,8 +121,8 @@ def main(argv):
     net['grad_ms_auto'] += row[f'grad_ms_{auto}']
     fwd_flops = 2 * n * out * out * ksize * ksize * cin * cout
     # The gradient is two matmul-sized products (dx and dk) plus the forward.
-    row['grad_gflops_im2col'] = round(3 * fwd_flops / row['grad_ms_im2col'] / 1e6, 1)
-    row['grad_gflops_xla'] = round(3 * fwd_flops / row['grad_ms_xla'] / 1e6, 1)
+    for impl in IMPLS:
+      row[f'grad_gflops_{impl}'] = round(3 * fwd_flops / row[f'grad_ms_{impl}'] / 1e6, 1)
     print(json.dumps(row), flush=True)
   summary = {'summary': True, 'backend': jax.default_backend(), 'reps': _REPS.value,
              'batch_size': n, 'dtype': _DTYPE.value}

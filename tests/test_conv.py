@@ -88,9 +88,9 @@ def test_matches_numpy_forward_and_lax_gradients(name, x_shape, k_shape, strides
   def ours(impl):
     return lambda x, k: conv.conv2d(x, k, strides=strides, padding=padding, impl=impl)
 
-  (_, expected_y), expected_grads = value_and_grads(
-      lambda x, k: _lax_conv(x, k, strides, padding))(x, kernel)
-  for impl in ('im2col', 'auto'):
+  (_, expected_y), expected_grads = jax.jit(value_and_grads(
+      lambda x, k: _lax_conv(x, k, strides, padding)))(x, kernel)
+  for impl in ('im2col', 'mixed'):
     (_, y), grads = jax.jit(value_and_grads(ours(impl)))(x, kernel)
     chex.assert_shape(y, expected.shape)
     np.testing.assert_allclose(y, expected, rtol=1e-5, atol=1e-5)
@@ -99,11 +99,10 @@ def test_matches_numpy_forward_and_lax_gradients(name, x_shape, k_shape, strides
   np.testing.assert_allclose(expected_y, expected, rtol=1e-5, atol=1e-5)
 
 
-@pytest.mark.parametrize('block_bytes', [1, 600])
-def test_blocked_im2col_matches_lax(monkeypatch, block_bytes):
-  # Tiny blocks force the scan over single images and over bands of output rows, whose
-  # input gradients overlap in the halo rows.
-  monkeypatch.setattr(conv, '_BLOCK_BYTES', block_bytes)
+def test_blocked_im2col_matches_lax(monkeypatch):
+  # Small blocks force the scan over single images (stride 2 'VALID') and over bands of 3
+  # or 2 output rows whose input gradients overlap in the halo rows (the other two).
+  monkeypatch.setattr(conv, '_BLOCK_BYTES', 3100)
   x, kernel = _rand(5, (3, 9, 7, 4)), _rand(6, (3, 3, 4, 5))
   for strides, padding in [((1, 1), 'SAME'), ((2, 2), 'VALID'), ((2, 1), ((0, 1), (1, 1)))]:
     out_shape = jax.eval_shape(lambda: _lax_conv(x, kernel, strides, padding)).shape
@@ -118,9 +117,11 @@ def test_blocked_im2col_matches_lax(monkeypatch, block_bytes):
       y, pullback = jax.vjp(lambda x, k: fn(x, k, impl), x, k)
       return y, pullback(g)
 
-    expected = value_and_vjp(x, kernel, cotangent, 'lax')
-    got = jax.jit(value_and_vjp, static_argnums=3)(x, kernel, cotangent, 'im2col')
-    chex.assert_trees_all_close(got, expected, rtol=1e-5, atol=1e-4)
+    run = jax.jit(value_and_vjp, static_argnums=3)
+    expected = run(x, kernel, cotangent, 'lax')
+    for impl in ('im2col', 'mixed'):
+      got = run(x, kernel, cotangent, impl)
+      chex.assert_trees_all_close(got, expected, rtol=1e-5, atol=1e-4)
 
 
 def test_negative_padding_crops_like_lax():
@@ -153,8 +154,8 @@ def test_bfloat16_accumulates_in_float32(k_shape, strides):
     return lambda x, k: jnp.sum(fn(x, k).astype(jnp.float32) * cotangent)
 
   f32 = lambda a: a.astype(jnp.float32)
-  expected_grads = jax.grad(loss(lambda x, k: _lax_conv(
-      f32(x), f32(k), strides, 'SAME')), (0, 1))(x, kernel)
+  expected_grads = jax.jit(jax.grad(loss(lambda x, k: _lax_conv(
+      f32(x), f32(k), strides, 'SAME')), (0, 1)))(x, kernel)
   grads = jax.jit(jax.grad(loss(lambda x, k: conv.conv2d(
       x, k, strides=strides, padding='SAME', impl='im2col')), (0, 1)))(x, kernel)
   for got, want in zip(grads, expected_grads):
@@ -211,20 +212,23 @@ def test_conv_module_bfloat16_dtype():
                              atol=2e-2 * float(jnp.abs(expected.astype(jnp.float32)).max()))
 
 
-@pytest.mark.parametrize('backend,kernel_hw,strides,pads,out_hw,expected', [
-    ('cpu', (3, 3), (1, 1), ((1, 1), (1, 1)), (8, 8), 'xla'),
-    ('cpu', (4, 4), (2, 2), ((1, 1), (1, 1)), (16, 16), 'xla'),
-    ('cpu', (1, 1), (1, 1), ((0, 0), (0, 0)), (8, 8), 'im2col'),
-    ('cpu', (3, 3), (1, 1), ((1, 1), (1, 1)), (2, 2), 'im2col'),
-    ('cpu', (3, 3), (1, 1), ((1, 1), (1, 1)), (3, 8), 'im2col'),
-    ('cpu', (3, 3), (2, 2), ((0, 0), (0, 0)), (16, 16), 'im2col'),
-    ('gpu', (1, 1), (1, 1), ((0, 0), (0, 0)), (2, 2), 'xla'),
-    ('tpu', (3, 3), (2, 2), ((0, 0), (0, 0)), (16, 16), 'xla'),
+@pytest.mark.parametrize('backend,kernel_shape,strides,pads,out_hw,expected', [
+    ('cpu', (3, 3, 128, 128), (1, 1), ((1, 1), (1, 1)), (8, 8), 'xla'),
+    ('cpu', (4, 4, 64, 128), (2, 2), ((1, 1), (1, 1)), (16, 16), 'xla'),
+    ('cpu', (3, 3, 64, 12), (1, 1), ((1, 1), (1, 1)), (16, 16), 'xla'),
+    ('cpu', (3, 3, 3, 64), (1, 1), ((1, 1), (1, 1)), (32, 32), 'xla'),
+    ('cpu', (3, 3, 64, 128), (1, 1), ((1, 1), (1, 1)), (16, 16), 'mixed'),
+    ('cpu', (1, 1, 32, 128), (1, 1), ((0, 0), (0, 0)), (8, 8), 'im2col'),
+    ('cpu', (3, 3, 512, 512), (1, 1), ((1, 1), (1, 1)), (2, 2), 'im2col'),
+    ('cpu', (3, 3, 64, 64), (1, 1), ((1, 1), (1, 1)), (3, 32), 'im2col'),
+    ('cpu', (3, 3, 64, 64), (2, 2), ((0, 0), (0, 0)), (16, 16), 'im2col'),
+    ('gpu', (1, 1, 8, 8), (1, 1), ((0, 0), (0, 0)), (2, 2), 'xla'),
+    ('tpu', (3, 3, 64, 64), (2, 2), ((0, 0), (0, 0)), (16, 16), 'xla'),
 ])
-def test_auto_rule(backend, kernel_hw, strides, pads, out_hw, expected):
-  assert conv.select_impl('auto', kernel_hw, strides, pads, out_hw, backend) == expected
-  for impl in ('xla', 'im2col'):
-    assert conv.select_impl(impl, kernel_hw, strides, pads, out_hw, backend) == impl
+def test_auto_rule(backend, kernel_shape, strides, pads, out_hw, expected):
+  assert conv.select_impl('auto', kernel_shape, strides, pads, out_hw, backend) == expected
+  for impl in ('xla', 'im2col', 'mixed'):
+    assert conv.select_impl(impl, kernel_shape, strides, pads, out_hw, backend) == impl
 
 
 def test_bad_arguments_raise_value_error():

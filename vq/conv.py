@@ -9,19 +9,20 @@ Usage sketch::
   variables = layer.init(rng, x)
   y = layer.apply(variables, x)
 
-Two implementations give the same numbers as `lax.conv_general_dilated`:
+Three implementations give the same numbers as `lax.conv_general_dilated`:
 - 'xla': `lax.conv_general_dilated` itself.
 - 'im2col': gather the kh*kw shifted (strided) input slices, concatenate them on channels
   and do one matmul; a 1x1 convolution is a plain matmul. Blocks of images (or of output
-  rows) are processed in a `lax.scan` so the kh*kw-times larger im2col buffer stays in
-  cache, with a custom VJP that recomputes each block's buffer for both gradients.
+  rows) go through a `lax.scan` so the kh*kw-times larger im2col buffer stays in cache,
+  with a custom VJP that rebuilds each block's buffer for both gradients.
+- 'mixed': XLA's convolution and input gradient, the kernel gradient as blocked im2col.
 
 XLA:CPU's convolution runs near its matmul speed for most shapes but collapses on some: a
 3x3 conv with a 2x2 output, or an input gradient whose output is at most 3 pixels wide, is
-18-80x slower than the same work as a matmul; 1x1 convs and unpadded stride-2 convs
-(taming's Downsample) are 1.1-3x slower. `impl='auto'` (see `select_impl`) routes exactly
-those shapes to im2col on CPU and keeps XLA's convolution elsewhere, and on GPU/TPU.
-`benchmarks/conv_layers.py` measures both implementations per layer shape.
+17-80x slower than the same work as a matmul; 1x1 convs, unpadded stride-2 convs (taming's
+Downsample) and kernel gradients at 16x16 and up are 1.1-3.7x slower. `impl='auto'` (see
+`select_impl`) routes exactly those shapes around it on CPU and keeps XLA's convolution
+elsewhere, and always on GPU/TPU. `benchmarks/conv_layers.py` measures each per layer.
 """
 
 from __future__ import annotations
@@ -38,36 +39,41 @@ Array = jax.Array
 Dtype = Any
 Padding = Union[str, int, Sequence[Union[int, tuple[int, int]]]]
 
-IMPLS = ('auto', 'xla', 'im2col')
+IMPLS = ('auto', 'xla', 'im2col', 'mixed')
 _DIMENSION_NUMBERS = ('NHWC', 'HWIO', 'NHWC')
 
 
-def select_impl(impl: str, kernel_hw: Sequence[int], strides: Sequence[int],
+def select_impl(impl: str, kernel_shape: Sequence[int], strides: Sequence[int],
                 pads: Sequence[tuple[int, int]], out_hw: Sequence[int],
                 backend: str | None = None) -> str:
-  """The implementation `conv2d` runs for one convolution: 'xla' or 'im2col'.
+  """The implementation `conv2d` runs for one convolution: 'xla', 'im2col' or 'mixed'.
 
-  `impl='auto'` picks im2col only on the CPU backend and only where it was measured to win
-  (benchmarks/conv_layers.py, batch 64, 2-core x86, interleaved medians):
-  - 1x1 kernels: a plain matmul; gradient 1.2-3x faster than XLA's convolution.
-  - outputs at most 3 pixels high or wide: XLA:CPU's convolution and its input gradient
-    fall off a cliff there (3x3 512->512 conv at 2x2: 1.2 s vs 15 ms forward).
-  - strided convolutions without padding (taming's Downsample: pad (0, 1), 3x3 stride 2
-    'VALID'): 1.1-1.8x faster forward and gradient.
-  Everything else (3x3 'SAME' convs at 8x8-32x32, 4x4 stride-2 'SAME' convs, convs with
-  few output channels) stays on XLA's convolution, which matched or beat im2col there.
+  `impl='auto'` leaves XLA's convolution only where it was measured to lose on CPU
+  (benchmarks/conv_layers.py: gradient w.r.t. input and kernel, batch 64, f32, 2 shared
+  x86 cores, xla and im2col interleaved, medians):
+  - 1x1 kernels -> 'im2col' (a plain matmul): gradient 2.5-3.7x faster.
+  - outputs at most 3 pixels high or wide -> 'im2col': XLA:CPU's convolution or its input
+    gradient falls off a cliff there (3x3 512->512 at 2x2: gradient 4.9 s vs 61 ms; the
+    input gradient of a 3x3 stride-2 conv from 5x5 to 2x2: 17x).
+  - strided convolutions without padding (taming's Downsample: pad (0, 1) then 3x3 stride
+    2 'VALID') -> 'im2col': 1.1-1.8x faster forward and gradient.
+  - stride-1 convolutions with outputs of at least 16x16 and at least 64 input and output
+    channels -> 'mixed' (XLA's forward and input gradient, im2col kernel gradient): XLA's
+    kernel gradient slows down with spatial size; gradient 1.1-1.4x faster.
+  Everything else (3x3 convs at 8x8, 4x4 stride-2 'SAME' convs, convs with few input or
+  output channels) stays on XLA's convolution, which beat im2col there by up to 4x.
   On GPU/TPU the vendor convolutions are fast, so 'auto' is always 'xla'.
 
   Args:
-    impl: 'auto', 'xla' or 'im2col'.
-    kernel_hw: (kh, kw).
+    impl: 'auto', 'xla', 'im2col' or 'mixed'.
+    kernel_shape: (kh, kw, cin, cout).
     strides: (sh, sw).
     pads: ((lo, hi), (lo, hi)) explicit padding.
     out_hw: (oh, ow) output size.
     backend: backend name; defaults to `jax.default_backend()`.
 
   Returns:
-    'xla' or 'im2col'.
+    'xla', 'im2col' or 'mixed'.
   """
   if impl not in IMPLS:
     raise ValueError(f"conv impl must be one of {IMPLS}, got {impl!r}; use impl='auto' "
@@ -77,10 +83,13 @@ def select_impl(impl: str, kernel_hw: Sequence[int], strides: Sequence[int],
   backend = jax.default_backend() if backend is None else backend
   if backend != 'cpu':
     return 'xla'
-  if tuple(kernel_hw) == (1, 1) or min(out_hw) <= 3:
+  kh, kw, cin, cout = kernel_shape
+  if (kh, kw) == (1, 1) or min(out_hw) <= 3:
     return 'im2col'
-  if max(strides) > 1 and not any(lo or hi for lo, hi in pads):
-    return 'im2col'
+  if max(strides) > 1:
+    return 'xla' if any(lo or hi for lo, hi in pads) else 'im2col'
+  if min(out_hw) >= 16 and min(cin, cout) >= 64:
+    return 'mixed'
   return 'xla'
 
 
@@ -252,13 +261,56 @@ def _blocked_im2col_bwd(g: _Geometry, residuals, dy: Array):
 _blocked_im2col.defvjp(_blocked_im2col_fwd, _blocked_im2col_bwd)
 
 
+def _pad(x: Array, pads: Sequence[tuple[int, int]]) -> Array:
+  # lax.pad also crops for negative padding, like the convolution does.
+  return jax.lax.pad(x, jnp.zeros((), x.dtype),
+                     ((0, 0, 0),) + tuple((lo, hi, 0) for lo, hi in pads) + ((0, 0, 0),))
+
+
+def _lax_conv(x: Array, kernel: Array, strides: tuple[int, int],
+              pads: tuple[tuple[int, int], ...]) -> Array:
+  return jax.lax.conv_general_dilated(x, kernel, strides, pads,
+                                      dimension_numbers=_DIMENSION_NUMBERS)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3))
+def _mixed_conv(x: Array, kernel: Array, strides: tuple[int, int],
+                pads: tuple[tuple[int, int], ...]) -> Array:
+  """XLA's convolution and input gradient; the kernel gradient as blocked im2col."""
+  return _lax_conv(x, kernel, strides, pads)
+
+
+def _mixed_conv_fwd(x, kernel, strides, pads):
+  return _lax_conv(x, kernel, strides, pads), (x, kernel)
+
+
+def _mixed_conv_bwd(strides, pads, residuals, dy):
+  x, kernel = residuals
+  dx = jax.vjp(lambda x: _lax_conv(x, kernel, strides, pads), x)[1](dy)[0]
+  xp = _pad(x, pads)
+  g = _geometry(xp.shape, kernel.shape, strides, jnp.dtype(x.dtype).itemsize)
+  num_b, num_r = _num_blocks(xp.shape[0], g)
+
+  def body(dw_sum, inputs):
+    index, dy_block = inputs
+    cols = _cols(_block_input(xp, index, g), g)
+    return dw_sum + jax.lax.dot_general(cols, dy_block, (((0,), (0,)), ((), ())),
+                                        preferred_element_type=jnp.float32), None
+
+  dw_shape = (g.kh * g.kw * x.shape[-1], kernel.shape[-1])
+  dw, _ = jax.lax.scan(body, jnp.zeros(dw_shape, jnp.float32),
+                       (jnp.arange(num_b * num_r), _image_to_blocks(dy.astype(x.dtype), g)))
+  return dx, dw.reshape(kernel.shape).astype(kernel.dtype)
+
+
+_mixed_conv.defvjp(_mixed_conv_fwd, _mixed_conv_bwd)
+
+
 def _im2col_conv(x: Array, kernel: Array, strides: tuple[int, int],
                  pads: tuple[tuple[int, int], ...]) -> Array:
   kh, kw, cin, cout = kernel.shape
   dtype = x.dtype
-  # lax.pad also crops for negative padding, like the convolution does.
-  x = jax.lax.pad(x, jnp.zeros((), dtype),
-                  ((0, 0, 0),) + tuple((lo, hi, 0) for lo, hi in pads) + ((0, 0, 0),))
+  x = _pad(x, pads)
   if kh == kw == 1:
     # A 1x1 convolution is a matmul over (strided) pixels; XLA differentiates it well.
     x = x[:, ::strides[0], ::strides[1], :]
@@ -278,8 +330,9 @@ def conv2d(x: Array, kernel: Array, *, strides: Sequence[int] = (1, 1),
     kernel: [kh, kw, Cin, Cout] kernel.
     strides: (sh, sw) window strides.
     padding: 'SAME', 'VALID', an int, or ((lo, hi), (lo, hi)) explicit padding.
-    impl: 'xla' (lax convolution), 'im2col' (slices + one matmul), or 'auto' (im2col
-      for the CPU shapes where XLA's convolution is slow; see `select_impl`).
+    impl: 'xla' (lax convolution), 'im2col' (slices + one matmul), 'mixed' (lax
+      convolution and input gradient, im2col kernel gradient), or 'auto' (picks per
+      shape and backend; see `select_impl`).
 
   Returns:
     [N, H', W', Cout] output in the promoted dtype of `x` and `kernel`.
@@ -302,9 +355,11 @@ def conv2d(x: Array, kernel: Array, *, strides: Sequence[int] = (1, 1),
                      'smaller kernel.')
   dtype = jnp.result_type(x.dtype, kernel.dtype)
   x, kernel = x.astype(dtype), kernel.astype(dtype)
-  if select_impl(impl, kernel.shape[:2], strides, pads, out_hw) == 'xla':
-    return jax.lax.conv_general_dilated(x, kernel, strides, pads,
-                                        dimension_numbers=_DIMENSION_NUMBERS)
+  impl = select_impl(impl, kernel.shape, strides, pads, out_hw)
+  if impl == 'xla':
+    return _lax_conv(x, kernel, strides, pads)
+  if impl == 'mixed':
+    return _mixed_conv(x, kernel, strides, pads)
   return _im2col_conv(x, kernel, strides, pads)
 
 
@@ -324,7 +379,7 @@ class Conv(nn.Module):
     param_dtype: dtype of the parameters.
     kernel_init: kernel initializer.
     bias_init: bias initializer.
-    impl: 'auto', 'xla' or 'im2col' (see `conv2d`).
+    impl: 'auto', 'xla', 'im2col' or 'mixed' (see `conv2d`).
   """
   features: int
   kernel_size: int | Sequence[int]

@@ -1,4 +1,4 @@
-"""Fréchet distance between Gaussian fits of two feature sets (FID when the features are Inception's).
+"""Fréchet distance between Gaussian fits of two feature sets: FID on Inception features.
 
   acc = fid.StatsAccumulator(2048)
   for batch, mask in batches:                  # features [B, D], mask [B] (padding = False)

@@ -10,16 +10,17 @@ Mixed_7b ignore padded zeros; Mixed_7c pools by max). Inputs are resized to 299x
 does (`F.interpolate(mode='bilinear', align_corners=False)`, no antialiasing); batch norm runs in
 eval mode (eps 0.001), folded into a per-channel scale and shift.
 
-Weights. pytorch-fid's `pt_inception-2015-12-05-6726825d.pth` is a torch pickle, which vq never
-loads. Convert it once on a machine with torch (and vq) installed:
+Weights. pytorch-fid's `pt_inception-2015-12-05-6726825d.pth` (`WEIGHTS_URL`, release
+'fid_weights' of mseitzer/pytorch-fid) is a torch pickle, which vq never loads. Convert it once
+on a machine with torch and vq installed:
 
   python -m vq.inception --convert path/to/pt_inception-2015-12-05-6726825d.pth
 
 which writes `inception_fid.npz` into $VQ_CACHE_DIR (default ~/.cache/vq); copy that file to the
-same place on the machines that compute FID, or point $VQ_INCEPTION_WEIGHTS at it. The file is
-from https://github.com/mseitzer/pytorch-fid/releases/download/fid_weights/
-pt_inception-2015-12-05-6726825d.pth. An .npz of the raw state dict
-(`numpy.savez(f, **{k: v.numpy() for k, v in sd.items()})`) is accepted too.
+same place on the machines that compute FID, or point $VQ_INCEPTION_WEIGHTS at it. Without vq on
+the torch machine, an .npz of the raw state dict works too:
+`numpy.savez('inception_fid.npz', **{k: v.numpy() for k, v in torch.load(pth,
+weights_only=True).items()})`.
 """
 
 import argparse
@@ -88,9 +89,9 @@ def resize_bilinear(x: jax.Array, size: tuple[int, int]) -> jax.Array:
   """
   out_h, out_w = size
   _, h, w, _ = x.shape
-  hp = jax.lax.Precision.HIGHEST  # Keep TPU/GPU from rounding the blend to bf16/tf32.
   if (h, w) == (out_h, out_w):
     return x
+  hp = jax.lax.Precision.HIGHEST  # Keep TPU/GPU from rounding the blend to bf16/tf32.
   x = jnp.einsum('oh,nhwc->nowc', bilinear_matrix(h, out_h), x, precision=hp)
   return jnp.einsum('pw,nowc->nopc', bilinear_matrix(w, out_w), x, precision=hp)
 
@@ -142,9 +143,9 @@ class BasicConv(nn.Module):
     kernel_size: (kh, kw).
     strides: stride in both directions.
     padding: torch-style symmetric zero padding (ph, pw).
-    im2col_max_pixels: run as im2col + matmul when the output has at most this many pixels
-      (XLA:CPU's convolution is slow on Inception's 8x8 and smaller maps); larger maps use
-      `vq.conv.conv2d`'s own choice.
+    im2col_max_pixels: on CPU, run as im2col + matmul when the output has at most this many
+      pixels (XLA:CPU's convolution is slow on Inception's 8x8 maps: the whole network ran
+      ~2.5x faster at batch 2); elsewhere `vq.conv.conv2d` chooses.
   """
   features: int
   kernel_size: tuple[int, int] = (1, 1)
@@ -162,7 +163,8 @@ class BasicConv(nn.Module):
     ph, pw = self.padding
     s = self.strides
     out_pixels = ((x.shape[1] + 2 * ph - kh) // s + 1) * ((x.shape[2] + 2 * pw - kw) // s + 1)
-    impl = 'im2col' if out_pixels <= self.im2col_max_pixels else 'auto'
+    small = out_pixels <= self.im2col_max_pixels and jax.default_backend() == 'cpu'
+    impl = 'im2col' if small else 'auto'
     y = conv.conv2d(x, kernel, strides=(s, s), padding=((ph, ph), (pw, pw)), impl=impl)
     return nn.relu(y * scale + shift)
 
@@ -450,7 +452,10 @@ def load_params(path: str | os.PathLike[str] | None = None) -> dict[str, Any]:
     _check_keys_and_shapes(flat, param_shapes(), {}, f'Inception weights {path}',
                            f'write the file again with `{_CONVERT_COMMAND}`')
     return weights.unflatten_tree({k: np.asarray(v, np.float32) for k, v in flat.items()})
-  return convert_torch_state_dict(flat)
+  try:
+    return convert_torch_state_dict(flat)
+  except ValueError as e:
+    raise ValueError(f'{path} (read as a torch state dict): {e}') from e
 
 
 def _convert_cli(pth: pathlib.Path, out: pathlib.Path) -> None:
@@ -459,8 +464,8 @@ def _convert_cli(pth: pathlib.Path, out: pathlib.Path) -> None:
 
   digest = hashlib.sha256(pth.read_bytes()).hexdigest()
   if not digest.startswith(_TORCH_FILE_SHA256_PREFIX):
-    print(f'warning: {pth} has sha256 {digest[:16]}..., pytorch-fid\'s file starts with '
-          f'{_TORCH_FILE_SHA256_PREFIX}; scores will not be comparable if the weights differ.',
+    print(f'warning: {pth} has sha256 {digest[:16]}..., while the name of pytorch-fid\'s file '
+          f'says {_TORCH_FILE_SHA256_PREFIX}...; FID from other weights is not comparable.',
           file=sys.stderr)
   sd = torch.load(pth, map_location='cpu', weights_only=True)
   params = convert_torch_state_dict({k: v.detach().cpu().numpy() for k, v in sd.items()})
@@ -470,6 +475,7 @@ def _convert_cli(pth: pathlib.Path, out: pathlib.Path) -> None:
 
 
 def main(argv: Sequence[str] | None = None) -> None:
+  """`python -m vq.inception --convert PTH [--out NPZ]`: the one-off weight conversion."""
   parser = argparse.ArgumentParser(
       prog='python -m vq.inception',
       description='Convert pytorch-fid\'s Inception weights (.pth) to the .npz vq loads.')

@@ -264,6 +264,10 @@ class Tokenizer:
     tokens = self._check_tokens(tokens, 'decode')
     return self._decode_at(tokens, _bucket(len(tokens), _check_batch_size(batch_size)))
 
+  def _encode_padded(self, images_uint8: np.ndarray) -> np.ndarray:
+    """Tokens of one already padded, already validated batch."""
+    return np.asarray(self._tokenize(self._variables, images_uint8))
+
   def _decode_at(self, tokens: np.ndarray, b: int) -> np.ndarray:
     s = self.image_size
     return self._run(self._detokenize, tokens, b, (s, s, 3), np.uint8)
@@ -384,10 +388,10 @@ def encode_dataset(tok: Tokenizer, spec: str, out_path: PathLike, *, max_images:
   # eval_batches decodes ahead on threads and pads the last batch to `b` already.
   for j, batch in enumerate(data.eval_batches(source, global_batch_size=b,
                                               num_local_devices=1)):
-    rows = int(batch['mask'].sum())
+    rows, lo = int(batch['mask'].sum()), j * b
     pixels = data.to_uint8(batch['image'][0])  # exact inverse of the loader's to_float
-    tokens[j * b:j * b + rows] = np.asarray(tok._tokenize(tok._variables, pixels))[:rows]  # pylint: disable=protected-access
-    labels[j * b:j * b + rows] = batch['label'][0][:rows]
+    tokens[lo:lo + rows] = tok._encode_padded(pixels)[:rows]  # pylint: disable=protected-access
+    labels[lo:lo + rows] = batch['label'][0][:rows]
   arrays = {
       'tokens': tokens,
       'config_hash': np.array(tok.config_hash),
