@@ -345,16 +345,13 @@ def _assert_close_to_reference(got, ref):
   np.testing.assert_allclose(got, ref, rtol=1e-4, atol=1e-4 * np.abs(ref).max())
 
 
-# im2col_max_pixels=0 sends every non-1x1 conv of these small maps to XLA's convolution (the path
-# the 35x35 and 17x17 blocks take at 299x299); the default sends them to im2col.
+# vq.conv's 'auto' runs convs on maps at most 3 pixels wide as im2col + matmul and larger ones
+# with XLA's convolution, so the sizes pick the path: both are checked.
 @pytest.mark.parametrize('block,size,reference', [
-    (inception.FIDInceptionA(pool_features=8, im2col_max_pixels=0), 6,
-     lambda sd, x: _np_block_a(sd, '', x)),
-    (inception.FIDInceptionC(channels_7x7=16, im2col_max_pixels=0), 5,
-     lambda sd, x: _np_block_c(sd, '', x)),
-    (inception.FIDInceptionE(pool='avg'), 4, lambda sd, x: _np_block_e(sd, '', x, 'avg')),
-    (inception.FIDInceptionE(pool='max', im2col_max_pixels=0), 4,
-     lambda sd, x: _np_block_e(sd, '', x, 'max')),
+    (inception.FIDInceptionA(pool_features=8), 6, lambda sd, x: _np_block_a(sd, '', x)),
+    (inception.FIDInceptionC(channels_7x7=16), 5, lambda sd, x: _np_block_c(sd, '', x)),
+    (inception.FIDInceptionE(pool='avg'), 3, lambda sd, x: _np_block_e(sd, '', x, 'avg')),
+    (inception.FIDInceptionE(pool='max'), 4, lambda sd, x: _np_block_e(sd, '', x, 'max')),
 ])
 def test_blocks_match_numpy_reference(block, size, reference):
   x = _rng(8).normal(size=(2, size, size, 12)).astype(np.float32)
@@ -550,6 +547,10 @@ def test_load_params_refuses_pickles(tmp_path):
   path.write_bytes(b'\x80\x04K\x01.')  # A pickle of the int 1.
   with pytest.raises(ValueError, match='pickle'):
     inception.load_params(path)
+  pth = tmp_path / 'pt_inception-2015-12-05-6726825d.pth'
+  pth.write_bytes(b'PK\x03\x04')
+  with pytest.raises(ValueError, match='python -m vq.inception --convert'):
+    inception.load_params(pth)
 
 
 def test_convert_cli_uses_torch_weights_only(tmp_path, monkeypatch, torch_sd, params):

@@ -143,15 +143,11 @@ class BasicConv(nn.Module):
     kernel_size: (kh, kw).
     strides: stride in both directions.
     padding: torch-style symmetric zero padding (ph, pw).
-    im2col_max_pixels: on CPU, run as im2col + matmul when the output has at most this many
-      pixels (XLA:CPU's convolution is slow on Inception's 8x8 maps: the whole network ran
-      ~2.5x faster at batch 2); elsewhere `vq.conv.conv2d` chooses.
   """
   features: int
   kernel_size: tuple[int, int] = (1, 1)
   strides: int = 1
   padding: tuple[int, int] = (0, 0)
-  im2col_max_pixels: int = 64
 
   @nn.compact
   def __call__(self, x: jax.Array) -> jax.Array:
@@ -161,82 +157,71 @@ class BasicConv(nn.Module):
     scale = self.param('scale', nn.initializers.ones, (self.features,), jnp.float32)
     shift = self.param('shift', nn.initializers.zeros, (self.features,), jnp.float32)
     ph, pw = self.padding
-    s = self.strides
-    out_pixels = ((x.shape[1] + 2 * ph - kh) // s + 1) * ((x.shape[2] + 2 * pw - kw) // s + 1)
-    small = out_pixels <= self.im2col_max_pixels and jax.default_backend() == 'cpu'
-    impl = 'im2col' if small else 'auto'
-    y = conv.conv2d(x, kernel, strides=(s, s), padding=((ph, ph), (pw, pw)), impl=impl)
+    # conv2d's 'auto' runs XLA:CPU's slow cases (1x1, maps <= 3 pixels wide) as matmuls.
+    y = conv.conv2d(x, kernel, strides=(self.strides,) * 2, padding=((ph, ph), (pw, pw)))
     return nn.relu(y * scale + shift)
 
 
 class FIDInceptionA(nn.Module):
   """Mixed_5b/c/d: torchvision's InceptionA with a pad-excluding average pool."""
   pool_features: int
-  im2col_max_pixels: int = 64
 
   @nn.compact
   def __call__(self, x: jax.Array) -> jax.Array:
-    c = functools.partial(BasicConv, im2col_max_pixels=self.im2col_max_pixels)
-    b1 = c(64, name='branch1x1')(x)
-    b5 = c(48, name='branch5x5_1')(x)
-    b5 = c(64, (5, 5), padding=(2, 2), name='branch5x5_2')(b5)
-    b3 = c(64, name='branch3x3dbl_1')(x)
-    b3 = c(96, (3, 3), padding=(1, 1), name='branch3x3dbl_2')(b3)
-    b3 = c(96, (3, 3), padding=(1, 1), name='branch3x3dbl_3')(b3)
-    bp = c(self.pool_features, name='branch_pool')(avg_pool_3x3_exclude_pad(x))
+    b1 = BasicConv(64, name='branch1x1')(x)
+    b5 = BasicConv(48, name='branch5x5_1')(x)
+    b5 = BasicConv(64, (5, 5), padding=(2, 2), name='branch5x5_2')(b5)
+    b3 = BasicConv(64, name='branch3x3dbl_1')(x)
+    b3 = BasicConv(96, (3, 3), padding=(1, 1), name='branch3x3dbl_2')(b3)
+    b3 = BasicConv(96, (3, 3), padding=(1, 1), name='branch3x3dbl_3')(b3)
+    bp = BasicConv(self.pool_features, name='branch_pool')(avg_pool_3x3_exclude_pad(x))
     return jnp.concatenate([b1, b5, b3, bp], axis=-1)
 
 
 class InceptionB(nn.Module):
   """Mixed_6a: torchvision's InceptionB (grid reduction 35 -> 17)."""
-  im2col_max_pixels: int = 64
 
   @nn.compact
   def __call__(self, x: jax.Array) -> jax.Array:
-    c = functools.partial(BasicConv, im2col_max_pixels=self.im2col_max_pixels)
-    b3 = c(384, (3, 3), strides=2, name='branch3x3')(x)
-    bd = c(64, name='branch3x3dbl_1')(x)
-    bd = c(96, (3, 3), padding=(1, 1), name='branch3x3dbl_2')(bd)
-    bd = c(96, (3, 3), strides=2, name='branch3x3dbl_3')(bd)
+    b3 = BasicConv(384, (3, 3), strides=2, name='branch3x3')(x)
+    bd = BasicConv(64, name='branch3x3dbl_1')(x)
+    bd = BasicConv(96, (3, 3), padding=(1, 1), name='branch3x3dbl_2')(bd)
+    bd = BasicConv(96, (3, 3), strides=2, name='branch3x3dbl_3')(bd)
     return jnp.concatenate([b3, bd, max_pool_3x3(x, 2, 0)], axis=-1)
 
 
 class FIDInceptionC(nn.Module):
   """Mixed_6b-e: torchvision's InceptionC (factorised 7x7) with a pad-excluding average pool."""
   channels_7x7: int
-  im2col_max_pixels: int = 64
 
   @nn.compact
   def __call__(self, x: jax.Array) -> jax.Array:
-    c = functools.partial(BasicConv, im2col_max_pixels=self.im2col_max_pixels)
     c7 = self.channels_7x7
     row, col = dict(kernel_size=(1, 7), padding=(0, 3)), dict(kernel_size=(7, 1), padding=(3, 0))
-    b1 = c(192, name='branch1x1')(x)
-    b7 = c(c7, name='branch7x7_1')(x)
-    b7 = c(c7, **row, name='branch7x7_2')(b7)
-    b7 = c(192, **col, name='branch7x7_3')(b7)
-    bd = c(c7, name='branch7x7dbl_1')(x)
-    bd = c(c7, **col, name='branch7x7dbl_2')(bd)
-    bd = c(c7, **row, name='branch7x7dbl_3')(bd)
-    bd = c(c7, **col, name='branch7x7dbl_4')(bd)
-    bd = c(192, **row, name='branch7x7dbl_5')(bd)
-    bp = c(192, name='branch_pool')(avg_pool_3x3_exclude_pad(x))
+    b1 = BasicConv(192, name='branch1x1')(x)
+    b7 = BasicConv(c7, name='branch7x7_1')(x)
+    b7 = BasicConv(c7, **row, name='branch7x7_2')(b7)
+    b7 = BasicConv(192, **col, name='branch7x7_3')(b7)
+    bd = BasicConv(c7, name='branch7x7dbl_1')(x)
+    bd = BasicConv(c7, **col, name='branch7x7dbl_2')(bd)
+    bd = BasicConv(c7, **row, name='branch7x7dbl_3')(bd)
+    bd = BasicConv(c7, **col, name='branch7x7dbl_4')(bd)
+    bd = BasicConv(192, **row, name='branch7x7dbl_5')(bd)
+    bp = BasicConv(192, name='branch_pool')(avg_pool_3x3_exclude_pad(x))
     return jnp.concatenate([b1, b7, bd, bp], axis=-1)
 
 
 class InceptionD(nn.Module):
   """Mixed_7a: torchvision's InceptionD (grid reduction 17 -> 8)."""
-  im2col_max_pixels: int = 64
 
   @nn.compact
   def __call__(self, x: jax.Array) -> jax.Array:
-    c = functools.partial(BasicConv, im2col_max_pixels=self.im2col_max_pixels)
-    b3 = c(192, name='branch3x3_1')(x)
-    b3 = c(320, (3, 3), strides=2, name='branch3x3_2')(b3)
-    b7 = c(192, name='branch7x7x3_1')(x)
-    b7 = c(192, (1, 7), padding=(0, 3), name='branch7x7x3_2')(b7)
-    b7 = c(192, (7, 1), padding=(3, 0), name='branch7x7x3_3')(b7)
-    b7 = c(192, (3, 3), strides=2, name='branch7x7x3_4')(b7)
+    b3 = BasicConv(192, name='branch3x3_1')(x)
+    b3 = BasicConv(320, (3, 3), strides=2, name='branch3x3_2')(b3)
+    b7 = BasicConv(192, name='branch7x7x3_1')(x)
+    b7 = BasicConv(192, (1, 7), padding=(0, 3), name='branch7x7x3_2')(b7)
+    b7 = BasicConv(192, (7, 1), padding=(3, 0), name='branch7x7x3_3')(b7)
+    b7 = BasicConv(192, (3, 3), strides=2, name='branch7x7x3_4')(b7)
     return jnp.concatenate([b3, b7, max_pool_3x3(x, 2, 0)], axis=-1)
 
 
@@ -246,25 +231,24 @@ class FIDInceptionE(nn.Module):
   Attributes:
     pool: 'avg' (3x3 average excluding padding) or 'max' (3x3 max, stride 1, padding 1): the FID
       graph's last block max-pools, likely a bug in that graph, kept for comparable scores.
-    im2col_max_pixels: see `BasicConv`.
   """
   pool: str = 'avg'
-  im2col_max_pixels: int = 64
 
   @nn.compact
   def __call__(self, x: jax.Array) -> jax.Array:
     if self.pool not in ('avg', 'max'):
       raise ValueError(f"FIDInceptionE pool must be 'avg' or 'max', got {self.pool!r}.")
-    c = functools.partial(BasicConv, im2col_max_pixels=self.im2col_max_pixels)
     row, col = dict(kernel_size=(1, 3), padding=(0, 1)), dict(kernel_size=(3, 1), padding=(1, 0))
-    b1 = c(320, name='branch1x1')(x)
-    b3 = c(384, name='branch3x3_1')(x)
-    b3 = [c(384, **row, name='branch3x3_2a')(b3), c(384, **col, name='branch3x3_2b')(b3)]
-    bd = c(448, name='branch3x3dbl_1')(x)
-    bd = c(384, (3, 3), padding=(1, 1), name='branch3x3dbl_2')(bd)
-    bd = [c(384, **row, name='branch3x3dbl_3a')(bd), c(384, **col, name='branch3x3dbl_3b')(bd)]
+    b1 = BasicConv(320, name='branch1x1')(x)
+    b3 = BasicConv(384, name='branch3x3_1')(x)
+    b3 = [BasicConv(384, **row, name='branch3x3_2a')(b3),
+          BasicConv(384, **col, name='branch3x3_2b')(b3)]
+    bd = BasicConv(448, name='branch3x3dbl_1')(x)
+    bd = BasicConv(384, (3, 3), padding=(1, 1), name='branch3x3dbl_2')(bd)
+    bd = [BasicConv(384, **row, name='branch3x3dbl_3a')(bd),
+          BasicConv(384, **col, name='branch3x3dbl_3b')(bd)]
     pooled = avg_pool_3x3_exclude_pad(x) if self.pool == 'avg' else max_pool_3x3(x, 1, 1)
-    bp = c(192, name='branch_pool')(pooled)
+    bp = BasicConv(192, name='branch_pool')(pooled)
     return jnp.concatenate([b1, *b3, *bd, bp], axis=-1)
 
 
@@ -277,10 +261,8 @@ class InceptionV3FID(nn.Module):
   Attributes:
     resize_input: resize to 299x299 first, as pytorch-fid does (its default). Without it the
       network runs at the input size (at least 75x75).
-    im2col_max_pixels: see `BasicConv`.
   """
   resize_input: bool = True
-  im2col_max_pixels: int = 64
 
   @nn.compact
   def __call__(self, x: jax.Array) -> jax.Array:
@@ -305,24 +287,22 @@ class InceptionV3FID(nn.Module):
     elif min(x.shape[1:3]) < MIN_SIZE:
       raise ValueError(f'InceptionV3FID with resize_input=False needs H, W >= {MIN_SIZE}, got '
                        f'shape {x.shape}; keep resize_input=True (pytorch-fid resizes to 299).')
-    c = functools.partial(BasicConv, im2col_max_pixels=self.im2col_max_pixels)
-    m = self.im2col_max_pixels
-    x = c(32, (3, 3), strides=2, name='Conv2d_1a_3x3')(x)
-    x = c(32, (3, 3), name='Conv2d_2a_3x3')(x)
-    x = c(64, (3, 3), padding=(1, 1), name='Conv2d_2b_3x3')(x)
+    x = BasicConv(32, (3, 3), strides=2, name='Conv2d_1a_3x3')(x)
+    x = BasicConv(32, (3, 3), name='Conv2d_2a_3x3')(x)
+    x = BasicConv(64, (3, 3), padding=(1, 1), name='Conv2d_2b_3x3')(x)
     x = max_pool_3x3(x, 2, 0)
-    x = c(80, name='Conv2d_3b_1x1')(x)
-    x = c(192, (3, 3), name='Conv2d_4a_3x3')(x)
+    x = BasicConv(80, name='Conv2d_3b_1x1')(x)
+    x = BasicConv(192, (3, 3), name='Conv2d_4a_3x3')(x)
     x = max_pool_3x3(x, 2, 0)
-    x = FIDInceptionA(32, m, name='Mixed_5b')(x)
-    x = FIDInceptionA(64, m, name='Mixed_5c')(x)
-    x = FIDInceptionA(64, m, name='Mixed_5d')(x)
-    x = InceptionB(m, name='Mixed_6a')(x)
+    x = FIDInceptionA(32, name='Mixed_5b')(x)
+    x = FIDInceptionA(64, name='Mixed_5c')(x)
+    x = FIDInceptionA(64, name='Mixed_5d')(x)
+    x = InceptionB(name='Mixed_6a')(x)
     for name, c7 in (('Mixed_6b', 128), ('Mixed_6c', 160), ('Mixed_6d', 160), ('Mixed_6e', 192)):
-      x = FIDInceptionC(c7, m, name=name)(x)
-    x = InceptionD(m, name='Mixed_7a')(x)
-    x = FIDInceptionE('avg', m, name='Mixed_7b')(x)
-    x = FIDInceptionE('max', m, name='Mixed_7c')(x)
+      x = FIDInceptionC(c7, name=name)(x)
+    x = InceptionD(name='Mixed_7a')(x)
+    x = FIDInceptionE('avg', name='Mixed_7b')(x)
+    x = FIDInceptionE('max', name='Mixed_7c')(x)
     return jnp.mean(x, axis=(1, 2))
 
 
@@ -330,12 +310,17 @@ class InceptionV3FID(nn.Module):
 
 
 @functools.lru_cache(maxsize=1)
-def param_shapes() -> dict[str, tuple[int, ...]]:
-  """Flat 'Mixed_5b/branch1x1/kernel'-style keys of `InceptionV3FID` params and their shapes."""
+def _traced_param_shapes() -> tuple[tuple[str, tuple[int, ...]], ...]:
+  # Traced from the module itself (no compile, ~1 s), so the converter cannot drift from it.
   x = jax.ShapeDtypeStruct((1, MIN_SIZE, MIN_SIZE, 3), jnp.float32)
   tree = jax.eval_shape(InceptionV3FID(resize_input=False).init, jax.random.key(0), x)['params']
   flat = traverse_util.flatten_dict(tree, sep='/')
-  return {key: tuple(leaf.shape) for key, leaf in flat.items()}
+  return tuple((key, tuple(leaf.shape)) for key, leaf in flat.items())
+
+
+def param_shapes() -> dict[str, tuple[int, ...]]:
+  """Flat 'Mixed_5b/branch1x1/kernel'-style keys of `InceptionV3FID` params and their shapes."""
+  return dict(_traced_param_shapes())
 
 
 def torch_state_dict_shapes() -> dict[str, tuple[int, ...]]:
@@ -447,6 +432,9 @@ def load_params(path: str | os.PathLike[str] | None = None) -> dict[str, Any]:
         f'No Inception FID weights at {path}: on a machine with torch run `{_CONVERT_COMMAND}` '
         f'(file from {WEIGHTS_URL}) and copy the {CACHE_FILE} it writes there, or set '
         f'{WEIGHTS_ENV} to its path.')
+  if path.suffix in ('.pth', '.pt'):
+    raise ValueError(f'{path} is a torch checkpoint, which vq does not unpickle; convert it once '
+                     f'with `{_CONVERT_COMMAND}` on a machine with torch and use the .npz.')
   flat = weights.load_npz(path)
   if any('/' in key for key in flat):
     _check_keys_and_shapes(flat, param_shapes(), {}, f'Inception weights {path}',
@@ -470,8 +458,9 @@ def _convert_cli(pth: pathlib.Path, out: pathlib.Path) -> None:
   sd = torch.load(pth, map_location='cpu', weights_only=True)
   params = convert_torch_state_dict({k: v.detach().cpu().numpy() for k, v in sd.items()})
   weights.save_npz(out, weights.flatten_tree(params))
-  print(f'wrote {out} ({len(param_shapes())} arrays); FID code finds it there, or set '
-        f'{WEIGHTS_ENV}={out}')
+  where = ('load_params() finds it there' if out == default_cache_dir() / CACHE_FILE
+           else f'set {WEIGHTS_ENV}={out} for load_params() to find it')
+  print(f'wrote {out} ({len(param_shapes())} arrays); {where}.')
 
 
 def main(argv: Sequence[str] | None = None) -> None:
@@ -482,7 +471,8 @@ def main(argv: Sequence[str] | None = None) -> None:
   parser.add_argument('--convert', type=pathlib.Path, required=True, metavar='PTH',
                       help=f'path to pt_inception-2015-12-05-6726825d.pth ({WEIGHTS_URL})')
   parser.add_argument('--out', type=pathlib.Path, default=None,
-                      help=f'output .npz (default: $VQ_CACHE_DIR or ~/.cache/vq, /{CACHE_FILE})')
+                      help=f'output .npz (default: {CACHE_FILE} in $VQ_CACHE_DIR, else '
+                      '~/.cache/vq)')
   args = parser.parse_args(argv)
   if not args.convert.is_file():
     parser.error(f'no file at {args.convert}; download it from {WEIGHTS_URL}')
