@@ -84,13 +84,15 @@ def main(argv):
   dtype = jnp.dtype(_DTYPE.value)
   n = _BATCH_SIZE.value
   rng = np.random.default_rng(0)
-  totals = {f'{what}_{impl}': 0.0 for what in ('fwd', 'grad') for impl in IMPLS + ('auto',)}
+  totals = {f'{what}_{impl}': 0.0
+            for what in ('fwd', 'grad') for impl in IMPLS + ('auto',)}
   per_net = {}
   for name, hw, cin, cout, ksize, stride, padding in SHAPES:
     if _ONLY.value not in name:
       continue
     x = jnp.asarray(rng.standard_normal((n, hw, hw, cin)), dtype)
-    k = jnp.asarray(rng.standard_normal((ksize, ksize, cin, cout)) / np.sqrt(ksize * ksize * cin), dtype)
+    k = jnp.asarray(rng.standard_normal((ksize, ksize, cin, cout))
+                    / np.sqrt(ksize * ksize * cin), dtype)
     fns = {impl: _fns(impl, stride, padding) for impl in IMPLS}
     row = {'shape': name, 'batch_size': n, 'dtype': _DTYPE.value}
     for what in ('fwd', 'grad'):
@@ -112,7 +114,7 @@ def main(argv):
     pads = jax.lax.padtype_to_pads((hw, hw), (ksize, ksize), (stride, stride), padding)
     out = (hw + sum(pads[0]) - ksize) // stride + 1
     auto = conv.select_impl('auto', (ksize, ksize, cin, cout), (stride, stride), pads,
-                            (out, out))
+                            (out, out), dtype)
     row['auto_picks'] = auto
     for what in ('fwd', 'grad'):
       totals[f'{what}_auto'] += row[f'{what}_ms_{auto}']

@@ -1,23 +1,38 @@
-r"""Train-step throughput for a config: one JSON line.
+r"""Train-step throughput for a config: one JSON line (per objective).
 
   python -m benchmarks.train_step --config=experiments/vqvae_cifar.py
   python -m benchmarks.train_step --config=experiments/vqgan_cifar.py --config.loss.disc_start=0
+  python -m benchmarks.train_step --config=experiments/vqgan_cifar.py --peer=taming \
+      --objectives=vqvae,vqgan --steps=5     # needs the bench venv, see peer_taming.py
 
 Takes the same config file and overrides as run.py. Times the real pmapped train step on
 random images already on the device (the input pipeline is measured separately by
 benchmarks/input_pipeline.py), after a compile step and warm-up steps; reports the median
 over timed steps. For VQ-GAN, set disc_start=0 to time the full generator + discriminator
 step (before disc_start the step still runs the discriminator; only the update is masked).
+
+`--peer=taming` also builds taming-transformers' PyTorch step at the same architecture and
+batch (benchmarks/peer_taming.py), on the same images, and times the two interleaved: each
+round runs one step of each, alternating which goes first, so load from other processes hits
+both alike. The JSON then gives both medians and their ratio. With a peer, VQ-GAN runs with
+loss.disc_start=0 and loss.disc_warmup=0 so that the discriminator and the adversarial
+weight act in every timed step, as they do in the peer. `--objectives=vqvae,vqgan` times
+each objective in a process of its own, so each line's peak RSS is its own.
 """
 
 import functools
 import json
+import os
+import pathlib
 import resource
+import subprocess
+import sys
 import time
 
 from absl import app
 from absl import flags
 import jax
+import ml_collections
 import numpy as np
 from ml_collections import config_flags
 
@@ -29,57 +44,209 @@ from vq import trainer
 
 _CONFIG = config_flags.DEFINE_config_file('config', None, 'Experiment config file.',
                                           lock_config=True)
-_STEPS = flags.DEFINE_integer('steps', 10, 'Timed steps.')
-_WARMUP = flags.DEFINE_integer('warmup', 2, 'Untimed steps after the compile step.')
+_STEPS = flags.DEFINE_integer('steps', 10, 'Timed steps (with --peer: timed rounds).')
+_WARMUP = flags.DEFINE_integer('warmup', 2, 'Untimed steps (rounds) after the compile step.')
+_PEER = flags.DEFINE_enum('peer', None, ['taming'],
+                          'Also time this peer at the same architecture, interleaved.')
+_PEER_THREADS = flags.DEFINE_integer('peer_threads', 2, 'torch intra-op threads of the peer.')
+_OBJECTIVES = flags.DEFINE_list(
+    'objectives', None, "Objectives to time, e.g. 'vqvae,vqgan' (default: config.objective); "
+    'several run one process each.')
 flags.mark_flags_as_required(['config'])
+
+_REPO = pathlib.Path(__file__).resolve().parents[1]
+
+
+def _peak_rss_mb() -> float:
+  return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def _param_count(tree) -> int:
+  return int(sum(np.size(x) for x in jax.tree.leaves(tree)))
+
+
+class _OurStep:
+  """Our pmapped train step on a fixed batch; the constructor compiles it (first step)."""
+
+  def __init__(self, config: ml_collections.ConfigDict, images: np.ndarray):
+    num_devices = jax.local_device_count()
+    size = config.data.image_size
+    lpips_params = trainer.load_lpips_if_needed(config) if ts.uses_lpips(config) else None
+    state = ts.create_train_state(config, ts.init_key(config.seed), (size, size, 3),
+                                  lpips_params)
+    self.num_params = {'generator': _param_count(state.params)}
+    if state.disc_params:
+      self.num_params['discriminator'] = _param_count(state.disc_params)
+    if state.frozen:
+      self.num_params['lpips'] = _param_count(state.frozen)
+    settings = steps.StepSettings.from_config(config)
+    self._p_step = parallel.pmap_train_step(
+        functools.partial(steps.train_step, settings=settings))
+    self._p_state = parallel.replicate(state)
+    self._p_rng = parallel.replicate(jax.random.PRNGKey(0))
+    self._batch = parallel.shard(
+        {'image': images.reshape((num_devices, -1) + images.shape[1:])})
+    self.metrics = None
+    start = time.perf_counter()
+    self()
+    self.compile_s = time.perf_counter() - start
+
+  def __call__(self) -> None:
+    self._p_state, self.metrics = self._p_step(self._p_state, self._batch, self._p_rng)
+    jax.block_until_ready(self.metrics)
+
+
+def _random_images(config: ml_collections.ConfigDict) -> np.ndarray:
+  size = config.data.image_size
+  return np.random.default_rng(0).uniform(
+      -1, 1, (config.train.batch_size, size, size, 3)).astype(np.float32)
+
+
+def _common_fields(config: ml_collections.ConfigDict) -> dict:
+  return {
+      'config': config_flags.get_config_filename(flags.FLAGS['config']),
+      'objective': config.objective,
+      'arch': config.model.arch,
+      'batch_size': config.train.batch_size,
+  }
+
+
+def _device_fields() -> dict:
+  return {
+      'device_kind': jax.local_devices()[0].device_kind,
+      'num_devices': jax.local_device_count(),
+      'backend': jax.default_backend(),
+  }
+
+
+def _time_ours(config: ml_collections.ConfigDict) -> dict:
+  """Our step alone: the benchmark's original JSON fields."""
+  ours = _OurStep(config, _random_images(config))
+  for _ in range(_WARMUP.value):
+    ours()
+  times = []
+  for _ in range(_STEPS.value):
+    start = time.perf_counter()
+    ours()
+    times.append(time.perf_counter() - start)
+  step_s = float(np.median(times))
+  return {
+      **_common_fields(config),
+      'images_per_s': config.train.batch_size / step_s,
+      'step_s_median': step_s,
+      'step_s_min': float(np.min(times)),
+      'compile_plus_first_step_s': ours.compile_s,
+      'timed_steps': len(times),
+      'peak_rss_mb': _peak_rss_mb(),
+      **_device_fields(),
+  }
+
+
+def _timed(fn) -> float:
+  start = time.perf_counter()
+  fn()
+  return time.perf_counter() - start
+
+
+def _time_against_peer(config: ml_collections.ConfigDict, overrides: dict) -> dict:
+  """Our step and the peer's, built on the same images, timed in interleaved rounds."""
+  from benchmarks import peer_taming  # pylint: disable=g-import-not-at-top
+  bad = peer_taming.unsupported_fields(config)
+  if bad:  # before the long compile of our step
+    raise app.UsageError(f'--peer=taming cannot mirror {"; ".join(bad)}.')
+  images = _random_images(config)
+  ours = _OurStep(config, images)
+  for _ in range(_WARMUP.value):
+    ours()
+  ours_rss = _peak_rss_mb()
+  peer = peer_taming.TamingPeer(config, images, num_threads=_PEER_THREADS.value,
+                                seed=config.seed)
+  peer_first_s = _timed(peer.step)
+  for _ in range(_WARMUP.value):
+    ours()
+    peer.step()
+  ours_times, peer_times = [], []
+  for i in range(_STEPS.value):
+    if i % 2 == 0:
+      ours_times.append(_timed(ours))
+      peer_times.append(_timed(peer.step))
+    else:
+      peer_times.append(_timed(peer.step))
+      ours_times.append(_timed(ours))
+  peer_losses = peer.step()  # untimed: the last losses, to show both steps do real work
+  ours_s, peer_s = float(np.median(ours_times)), float(np.median(peer_times))
+  batch = config.train.batch_size
+  ours_last = {k: float(np.asarray(v)[0]) for k, v in ours.metrics.items()
+               if k in ('loss', 'd_loss', 'd_weight', 'perceptual_loss')}
+  return {
+      **_common_fields(config),
+      'peer': _PEER.value,
+      'ours_images_per_s': batch / ours_s,
+      'peer_images_per_s': batch / peer_s,
+      'ratio_ours_over_peer': peer_s / ours_s,
+      'ratio_round_median': float(np.median(np.array(peer_times) / np.array(ours_times))),
+      'ours_step_s_median': ours_s,
+      'peer_step_s_median': peer_s,
+      'ours_step_s_min': float(np.min(ours_times)),
+      'peer_step_s_min': float(np.min(peer_times)),
+      'ours_compile_plus_first_step_s': ours.compile_s,
+      'peer_first_step_s': peer_first_s,
+      'timed_rounds': len(ours_times),
+      'warmup_rounds': _WARMUP.value,
+      'ours_peak_rss_mb': ours_rss,
+      'peak_rss_mb_ours_plus_peer': _peak_rss_mb(),
+      'ours_params': ours.num_params,
+      'peer_params': peer.num_params(),
+      'ours_last': ours_last,
+      'peer_last': peer_losses,
+      'overrides': overrides,
+      'loadavg_1m_end': os.getloadavg()[0],
+      **_device_fields(),
+      **peer_taming.describe(),
+  }
+
+
+def _each_in_own_process(objectives: list[str]) -> None:
+  """Reruns this benchmark once per objective, each in a fresh process."""
+  argv, skip = [], False
+  for arg in sys.argv[1:]:
+    if skip:
+      skip = False
+    elif arg in ('--objectives', '-objectives'):
+      skip = True
+    elif not arg.lstrip('-').startswith('objectives='):
+      argv.append(arg)
+  for objective in objectives:
+    rc = subprocess.run([sys.executable, '-m', 'benchmarks.train_step', *argv,
+                         f'--objectives={objective}'], cwd=_REPO, check=False).returncode
+    if rc:
+      sys.exit(rc)
 
 
 def main(argv):
   del argv
   config = _CONFIG.value
-  num_devices = jax.local_device_count()
-  config_validation.validate(config, num_devices=num_devices)
-  size = config.data.image_size
-  lpips_params = trainer.load_lpips_if_needed(config) if ts.uses_lpips(config) else None
-  state = ts.create_train_state(config, ts.init_key(config.seed), (size, size, 3), lpips_params)
-  settings = steps.StepSettings.from_config(config)
-  p_step = parallel.pmap_train_step(functools.partial(steps.train_step, settings=settings))
-  p_state = parallel.replicate(state)
-  p_rng = parallel.replicate(jax.random.PRNGKey(0))
-  per_device = config.train.batch_size // num_devices
-  images = np.random.default_rng(0).uniform(
-      -1, 1, (num_devices, per_device, size, size, 3)).astype(np.float32)
-  batch = parallel.shard({'image': images})
-
-  start = time.perf_counter()
-  p_state, metrics = p_step(p_state, batch, p_rng)
-  jax.block_until_ready(metrics)
-  compile_s = time.perf_counter() - start
-  for _ in range(_WARMUP.value):
-    p_state, metrics = p_step(p_state, batch, p_rng)
-  jax.block_until_ready(metrics)
-  times = []
-  for _ in range(_STEPS.value):
-    start = time.perf_counter()
-    p_state, metrics = p_step(p_state, batch, p_rng)
-    jax.block_until_ready(metrics)
-    times.append(time.perf_counter() - start)
-  step_s = float(np.median(times))
-  print(json.dumps({
-      'config': config_flags.get_config_filename(flags.FLAGS['config']),
-      'objective': config.objective,
-      'arch': config.model.arch,
-      'batch_size': config.train.batch_size,
-      'images_per_s': config.train.batch_size / step_s,
-      'step_s_median': step_s,
-      'step_s_min': float(np.min(times)),
-      'compile_plus_first_step_s': compile_s,
-      'timed_steps': len(times),
-      'peak_rss_mb': resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
-      'device_kind': jax.local_devices()[0].device_kind,
-      'num_devices': num_devices,
-      'backend': jax.default_backend(),
-  }))
+  objectives = _OBJECTIVES.value or [config.objective]
+  for objective in objectives:
+    if objective not in ('vqvae', 'vqgan'):
+      raise app.UsageError(f"--objectives has {objective!r}; use 'vqvae' and/or 'vqgan'.")
+  if len(objectives) > 1:
+    _each_in_own_process(objectives)
+    return
+  config = config.copy_and_resolve_references()
+  config.objective = objectives[0]
+  overrides = {'objective': config.objective}
+  if _PEER.value and config.objective == 'vqgan':
+    # The peer's discriminator and adversarial weight act from step 0.
+    config.loss.disc_start = 0
+    config.loss.disc_warmup = 0
+    overrides.update({'loss.disc_start': 0, 'loss.disc_warmup': 0})
+  config_validation.validate(config, num_devices=jax.local_device_count())
+  if _PEER.value:
+    result = _time_against_peer(config, overrides)
+  else:
+    result = _time_ours(config)
+  print(json.dumps(result), flush=True)
 
 
 if __name__ == '__main__':

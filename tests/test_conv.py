@@ -134,7 +134,7 @@ def test_negative_padding_crops_like_lax():
 
 @pytest.mark.parametrize('k_shape,strides', [((3, 3, 8, 6), (1, 1)), ((4, 4, 8, 6), (2, 2)),
                                              ((1, 1, 8, 6), (1, 1))])
-def test_bfloat16_accumulates_in_float32(k_shape, strides):
+def test_bfloat16_inputs_match_float32_oracle(k_shape, strides):
   # 8x8 spatial, 72-128 products per output: bf16 accumulation would lose ~1e-2 relative.
   x = jnp.asarray(_rand(10, (2, 8, 8, 8)), jnp.bfloat16)
   kernel = jnp.asarray(_rand(11, k_shape), jnp.bfloat16)
@@ -156,12 +156,13 @@ def test_bfloat16_accumulates_in_float32(k_shape, strides):
   f32 = lambda a: a.astype(jnp.float32)
   expected_grads = jax.jit(jax.grad(loss(lambda x, k: _lax_conv(
       f32(x), f32(k), strides, 'SAME')), (0, 1)))(x, kernel)
-  grads = jax.jit(jax.grad(loss(lambda x, k: conv.conv2d(
-      x, k, strides=strides, padding='SAME', impl='im2col')), (0, 1)))(x, kernel)
-  for got, want in zip(grads, expected_grads):
-    assert got.dtype == jnp.bfloat16
-    scale = float(jnp.abs(want).max())
-    np.testing.assert_allclose(np.asarray(got, np.float32), want, atol=2**-7 * scale)
+  for impl in ('im2col', 'mixed'):
+    grads = jax.jit(jax.grad(loss(lambda x, k, impl=impl: conv.conv2d(
+        x, k, strides=strides, padding='SAME', impl=impl)), (0, 1)))(x, kernel)
+    for got, want in zip(grads, expected_grads):
+      assert got.dtype == jnp.bfloat16
+      scale = float(jnp.abs(want).max())
+      np.testing.assert_allclose(np.asarray(got, np.float32), want, atol=2**-7 * scale)
 
 
 def _params_like(shapes, seed):
@@ -212,23 +213,26 @@ def test_conv_module_bfloat16_dtype():
                              atol=2e-2 * float(jnp.abs(expected.astype(jnp.float32)).max()))
 
 
-@pytest.mark.parametrize('backend,kernel_shape,strides,pads,out_hw,expected', [
-    ('cpu', (3, 3, 128, 128), (1, 1), ((1, 1), (1, 1)), (8, 8), 'xla'),
-    ('cpu', (4, 4, 64, 128), (2, 2), ((1, 1), (1, 1)), (16, 16), 'xla'),
-    ('cpu', (3, 3, 64, 12), (1, 1), ((1, 1), (1, 1)), (16, 16), 'xla'),
-    ('cpu', (3, 3, 3, 64), (1, 1), ((1, 1), (1, 1)), (32, 32), 'xla'),
-    ('cpu', (3, 3, 64, 128), (1, 1), ((1, 1), (1, 1)), (16, 16), 'mixed'),
-    ('cpu', (1, 1, 32, 128), (1, 1), ((0, 0), (0, 0)), (8, 8), 'im2col'),
-    ('cpu', (3, 3, 512, 512), (1, 1), ((1, 1), (1, 1)), (2, 2), 'im2col'),
-    ('cpu', (3, 3, 64, 64), (1, 1), ((1, 1), (1, 1)), (3, 32), 'im2col'),
-    ('cpu', (3, 3, 64, 64), (2, 2), ((0, 0), (0, 0)), (16, 16), 'im2col'),
-    ('gpu', (1, 1, 8, 8), (1, 1), ((0, 0), (0, 0)), (2, 2), 'xla'),
-    ('tpu', (3, 3, 64, 64), (2, 2), ((0, 0), (0, 0)), (16, 16), 'xla'),
+@pytest.mark.parametrize('backend,kernel_shape,strides,pads,out_hw,dtype,expected', [
+    ('cpu', (3, 3, 128, 128), (1, 1), ((1, 1), (1, 1)), (8, 8), jnp.float32, 'xla'),
+    ('cpu', (4, 4, 64, 128), (2, 2), ((1, 1), (1, 1)), (16, 16), jnp.float32, 'xla'),
+    ('cpu', (3, 3, 64, 12), (1, 1), ((1, 1), (1, 1)), (16, 16), jnp.float32, 'xla'),
+    ('cpu', (3, 3, 3, 64), (1, 1), ((1, 1), (1, 1)), (32, 32), jnp.float32, 'xla'),
+    ('cpu', (3, 3, 64, 128), (1, 1), ((1, 1), (1, 1)), (16, 16), jnp.float32, 'mixed'),
+    ('cpu', (1, 1, 32, 128), (1, 1), ((0, 0), (0, 0)), (8, 8), jnp.float32, 'im2col'),
+    ('cpu', (3, 3, 512, 512), (1, 1), ((1, 1), (1, 1)), (2, 2), jnp.float32, 'im2col'),
+    ('cpu', (3, 3, 64, 64), (1, 1), ((1, 1), (1, 1)), (3, 32), jnp.float32, 'im2col'),
+    ('cpu', (3, 3, 64, 64), (2, 2), ((0, 0), (0, 0)), (16, 16), jnp.float32, 'im2col'),
+    ('cpu', (3, 3, 64, 64), (2, 2), ((0, 0), (0, 0)), (16, 16), jnp.bfloat16, 'mixed'),
+    ('cpu', (3, 3, 512, 512), (1, 1), ((1, 1), (1, 1)), (2, 2), jnp.bfloat16, 'im2col'),
+    ('gpu', (1, 1, 8, 8), (1, 1), ((0, 0), (0, 0)), (2, 2), jnp.float32, 'xla'),
+    ('tpu', (3, 3, 64, 64), (2, 2), ((0, 0), (0, 0)), (16, 16), jnp.float32, 'xla'),
 ])
-def test_auto_rule(backend, kernel_shape, strides, pads, out_hw, expected):
-  assert conv.select_impl('auto', kernel_shape, strides, pads, out_hw, backend) == expected
+def test_auto_rule(backend, kernel_shape, strides, pads, out_hw, dtype, expected):
+  args = (kernel_shape, strides, pads, out_hw, dtype, backend)
+  assert conv.select_impl('auto', *args) == expected
   for impl in ('xla', 'im2col', 'mixed'):
-    assert conv.select_impl(impl, kernel_shape, strides, pads, out_hw, backend) == impl
+    assert conv.select_impl(impl, *args) == impl
 
 
 def test_bad_arguments_raise_value_error():

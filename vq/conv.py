@@ -19,8 +19,8 @@ Three implementations give the same numbers as `lax.conv_general_dilated`:
 
 XLA:CPU's convolution runs near its matmul speed for most shapes but collapses on some: a
 3x3 conv with a 2x2 output, or an input gradient whose output is at most 3 pixels wide, is
-17-80x slower than the same work as a matmul; 1x1 convs, unpadded stride-2 convs (taming's
-Downsample) and kernel gradients at 16x16 and up are 1.1-3.7x slower. `impl='auto'` (see
+15-80x slower than the same work as a matmul; 1x1 convs, unpadded stride-2 convs (taming's
+Downsample) and kernel gradients at 16x16 and up are 1.1-3.8x slower. `impl='auto'` (see
 `select_impl`) routes exactly those shapes around it on CPU and keeps XLA's convolution
 elsewhere, and always on GPU/TPU. `benchmarks/conv_layers.py` measures each per layer.
 """
@@ -45,21 +45,22 @@ _DIMENSION_NUMBERS = ('NHWC', 'HWIO', 'NHWC')
 
 def select_impl(impl: str, kernel_shape: Sequence[int], strides: Sequence[int],
                 pads: Sequence[tuple[int, int]], out_hw: Sequence[int],
-                backend: str | None = None) -> str:
+                dtype: Dtype = jnp.float32, backend: str | None = None) -> str:
   """The implementation `conv2d` runs for one convolution: 'xla', 'im2col' or 'mixed'.
 
   `impl='auto'` leaves XLA's convolution only where it was measured to lose on CPU
   (benchmarks/conv_layers.py: gradient w.r.t. input and kernel, batch 64, f32, 2 shared
   x86 cores, xla and im2col interleaved, medians):
-  - 1x1 kernels -> 'im2col' (a plain matmul): gradient 2.5-3.7x faster.
+  - 1x1 kernels -> 'im2col' (a plain matmul): gradient 1.3-3.8x faster.
   - outputs at most 3 pixels high or wide -> 'im2col': XLA:CPU's convolution or its input
-    gradient falls off a cliff there (3x3 512->512 at 2x2: gradient 4.9 s vs 61 ms; the
-    input gradient of a 3x3 stride-2 conv from 5x5 to 2x2: 17x).
+    gradient falls off a cliff there (3x3 512->512 at 2x2: gradient 3.3 s vs 64 ms; the
+    gradient of a 3x3 stride-2 conv from 5x5 to 2x2: 310 ms vs 20 ms).
   - strided convolutions without padding (taming's Downsample: pad (0, 1) then 3x3 stride
-    2 'VALID') -> 'im2col': 1.1-1.8x faster forward and gradient.
+    2 'VALID') -> 'im2col': 1.1-2.6x faster forward and gradient. In bfloat16, where the
+    im2col gather and matmul are slower, -> 'mixed' (gradient 1.1-1.8x faster).
   - stride-1 convolutions with outputs of at least 16x16 and at least 64 input and output
     channels -> 'mixed' (XLA's forward and input gradient, im2col kernel gradient): XLA's
-    kernel gradient slows down with spatial size; gradient 1.1-1.4x faster.
+    kernel gradient slows down with spatial size; gradient 1.1-1.6x faster.
   Everything else (3x3 convs at 8x8, 4x4 stride-2 'SAME' convs, convs with few input or
   output channels) stays on XLA's convolution, which beat im2col there by up to 4x.
   On GPU/TPU the vendor convolutions are fast, so 'auto' is always 'xla'.
@@ -70,6 +71,7 @@ def select_impl(impl: str, kernel_shape: Sequence[int], strides: Sequence[int],
     strides: (sh, sw).
     pads: ((lo, hi), (lo, hi)) explicit padding.
     out_hw: (oh, ow) output size.
+    dtype: computation dtype.
     backend: backend name; defaults to `jax.default_backend()`.
 
   Returns:
@@ -87,7 +89,9 @@ def select_impl(impl: str, kernel_shape: Sequence[int], strides: Sequence[int],
   if (kh, kw) == (1, 1) or min(out_hw) <= 3:
     return 'im2col'
   if max(strides) > 1:
-    return 'xla' if any(lo or hi for lo, hi in pads) else 'im2col'
+    if any(lo or hi for lo, hi in pads):
+      return 'xla'
+    return 'im2col' if jnp.dtype(dtype).itemsize >= 4 else 'mixed'
   if min(out_hw) >= 16 and min(cin, cout) >= 64:
     return 'mixed'
   return 'xla'
@@ -355,7 +359,7 @@ def conv2d(x: Array, kernel: Array, *, strides: Sequence[int] = (1, 1),
                      'smaller kernel.')
   dtype = jnp.result_type(x.dtype, kernel.dtype)
   x, kernel = x.astype(dtype), kernel.astype(dtype)
-  impl = select_impl(impl, kernel.shape, strides, pads, out_hw)
+  impl = select_impl(impl, kernel.shape, strides, pads, out_hw, dtype)
   if impl == 'xla':
     return _lax_conv(x, kernel, strides, pads)
   if impl == 'mixed':

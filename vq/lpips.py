@@ -210,6 +210,32 @@ class LPIPS(nn.Module):
     _check_images(x, 'x')
     return jnp.mean(self._vgg(x)[-1], axis=(1, 2))
 
+  def distance_and_pooled(self, x: jax.Array, y: jax.Array
+                          ) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """LPIPS distance and both inputs' `pooled_features`, from one VGG pass of the joint batch.
+
+    Evaluation needs all three; separate calls would run VGG16 three times on the same images.
+
+    Args:
+      x: [N, H, W, 3] images in [-1, 1], H and W at least 16.
+      y: images of the same shape as `x`.
+
+    Returns:
+      ([N] distances as `__call__`, [N, 512] pooled features of x, [N, 512] of y), float32.
+    """
+    if x.shape != y.shape:
+      raise ValueError(f'LPIPS needs x and y of the same shape, got {x.shape} and {y.shape}; '
+                       'resize or crop one to match the other.')
+    _check_images(x, 'x and y')
+    raw = self._vgg(jnp.concatenate([x, y], axis=0))
+    n = x.shape[0]
+    dist = jnp.zeros((n,), jnp.float32)
+    for feat, lin in zip(raw, self.lins):
+      feat = _unit_normalise(feat)
+      dist = dist + jnp.mean(jnp.square(feat[:n] - feat[n:]), axis=(1, 2)) @ lin
+    pooled = jnp.mean(raw[-1], axis=(1, 2))
+    return dist, pooled[:n], pooled[n:]
+
 
 def _check_images(x: jax.Array, name: str) -> None:
   if x.ndim != 4 or x.shape[-1] != 3 or min(x.shape[1:3]) < _MIN_SIZE:

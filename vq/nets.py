@@ -16,6 +16,9 @@ Two families:
   DeepMind's Sonnet example (two stride-2 4x4 convs, a 3x3 conv, a residual stack; mirrored
   decoder with two stride-2 4x4 transposed convs).
 
+Convolutions go through `vq.conv.Conv` (same parameters as `nn.Conv`), which picks an
+im2col + matmul formulation on CPU where XLA's own convolution gradient is slow.
+
 Every decoder names its final layer `conv_out` and records the input of that layer with
 `self.sow('intermediates', 'conv_out_input', h)`; the VQ-GAN adaptive weight needs the
 gradient with respect to that layer.
@@ -28,6 +31,8 @@ from typing import Any, Sequence
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+
+from vq import conv
 
 Dtype = Any
 
@@ -46,11 +51,11 @@ class ResnetBlock(nn.Module):
   @nn.compact
   def __call__(self, x: jax.Array) -> jax.Array:
     h = nn.swish(_group_norm('norm1', self.dtype)(x))
-    h = nn.Conv(self.out_channels, (3, 3), dtype=self.dtype, name='conv1')(h)
+    h = conv.Conv(self.out_channels, (3, 3), dtype=self.dtype, name='conv1')(h)
     h = nn.swish(_group_norm('norm2', self.dtype)(h))
-    h = nn.Conv(self.out_channels, (3, 3), dtype=self.dtype, name='conv2')(h)
+    h = conv.Conv(self.out_channels, (3, 3), dtype=self.dtype, name='conv2')(h)
     if x.shape[-1] != self.out_channels:
-      x = nn.Conv(self.out_channels, (1, 1), dtype=self.dtype, name='nin_shortcut')(x)
+      x = conv.Conv(self.out_channels, (1, 1), dtype=self.dtype, name='nin_shortcut')(x)
     return x + h
 
 
@@ -78,7 +83,7 @@ class Downsample(nn.Module):
   @nn.compact
   def __call__(self, x: jax.Array) -> jax.Array:
     x = jnp.pad(x, ((0, 0), (0, 1), (0, 1), (0, 0)))
-    return nn.Conv(x.shape[-1], (3, 3), strides=(2, 2), padding='VALID', dtype=self.dtype,
+    return conv.Conv(x.shape[-1], (3, 3), strides=(2, 2), padding='VALID', dtype=self.dtype,
                    name='conv')(x)
 
 
@@ -89,7 +94,7 @@ class Upsample(nn.Module):
   @nn.compact
   def __call__(self, x: jax.Array) -> jax.Array:
     x = jnp.repeat(jnp.repeat(x, 2, axis=1), 2, axis=2)
-    return nn.Conv(x.shape[-1], (3, 3), dtype=self.dtype, name='conv')(x)
+    return conv.Conv(x.shape[-1], (3, 3), dtype=self.dtype, name='conv')(x)
 
 
 class TamingEncoder(nn.Module):
@@ -115,7 +120,7 @@ class TamingEncoder(nn.Module):
   @nn.compact
   def __call__(self, x: jax.Array) -> jax.Array:
     x = x.astype(self.dtype)
-    h = nn.Conv(self.ch, (3, 3), dtype=self.dtype, name='conv_in')(x)
+    h = conv.Conv(self.ch, (3, 3), dtype=self.dtype, name='conv_in')(x)
     res = self.resolution
     for level, mult in enumerate(self.ch_mult):
       for i in range(self.num_res_blocks):
@@ -129,7 +134,7 @@ class TamingEncoder(nn.Module):
     h = AttnBlock(self.dtype, name='mid_attn')(h)
     h = ResnetBlock(h.shape[-1], self.dtype, name='mid_block2')(h)
     h = nn.swish(_group_norm('norm_out', self.dtype)(h))
-    return nn.Conv(self.z_channels, (3, 3), dtype=self.dtype, name='conv_out')(h)
+    return conv.Conv(self.z_channels, (3, 3), dtype=self.dtype, name='conv_out')(h)
 
 
 class TamingDecoder(nn.Module):
@@ -147,7 +152,7 @@ class TamingDecoder(nn.Module):
     z = z.astype(self.dtype)
     res = self.resolution // 2 ** (len(self.ch_mult) - 1)
     block_in = self.ch * self.ch_mult[-1]
-    h = nn.Conv(block_in, (3, 3), dtype=self.dtype, name='conv_in')(z)
+    h = conv.Conv(block_in, (3, 3), dtype=self.dtype, name='conv_in')(z)
     h = ResnetBlock(block_in, self.dtype, name='mid_block1')(h)
     h = AttnBlock(self.dtype, name='mid_attn')(h)
     h = ResnetBlock(block_in, self.dtype, name='mid_block2')(h)
@@ -193,9 +198,7 @@ class SubpixelConvTranspose(nn.Module):
     phases = [padded[jnp.array(ta)][:, jnp.array(tb)]
               for ta in self._TAPS for tb in self._TAPS]        # 4 x [3, 3, Cin, Cout]
     k3 = jnp.stack(phases, axis=3).reshape(3, 3, cin, 4 * self.features)
-    y = jax.lax.conv_general_dilated(
-        x.astype(self.dtype), k3.astype(self.dtype), (1, 1), 'SAME',
-        dimension_numbers=('NHWC', 'HWIO', 'NHWC'))
+    y = conv.conv2d(x.astype(self.dtype), k3.astype(self.dtype), padding='SAME')
     n, h, w, _ = y.shape
     y = y.reshape(n, h, w, 2, 2, self.features).transpose(0, 1, 3, 2, 4, 5)
     return y.reshape(n, 2 * h, 2 * w, self.features) + bias.astype(self.dtype)
@@ -210,8 +213,8 @@ class ResidualStack(nn.Module):
   @nn.compact
   def __call__(self, x: jax.Array) -> jax.Array:
     for i in range(self.num_layers):
-      h = nn.Conv(self.hidden, (3, 3), dtype=self.dtype, name=f'res{i}_conv3')(nn.relu(x))
-      h = nn.Conv(x.shape[-1], (1, 1), dtype=self.dtype, name=f'res{i}_conv1')(nn.relu(h))
+      h = conv.Conv(self.hidden, (3, 3), dtype=self.dtype, name=f'res{i}_conv3')(nn.relu(x))
+      h = conv.Conv(x.shape[-1], (1, 1), dtype=self.dtype, name=f'res{i}_conv1')(nn.relu(h))
       x = x + h
     return nn.relu(x)
 
@@ -227,11 +230,11 @@ class SonnetEncoder(nn.Module):
   @nn.compact
   def __call__(self, x: jax.Array) -> jax.Array:
     x = x.astype(self.dtype)
-    h = nn.relu(nn.Conv(self.hidden // 2, (4, 4), (2, 2), dtype=self.dtype, name='conv1')(x))
-    h = nn.relu(nn.Conv(self.hidden, (4, 4), (2, 2), dtype=self.dtype, name='conv2')(h))
-    h = nn.Conv(self.hidden, (3, 3), dtype=self.dtype, name='conv3')(h)
+    h = nn.relu(conv.Conv(self.hidden // 2, (4, 4), (2, 2), dtype=self.dtype, name='conv1')(x))
+    h = nn.relu(conv.Conv(self.hidden, (4, 4), (2, 2), dtype=self.dtype, name='conv2')(h))
+    h = conv.Conv(self.hidden, (3, 3), dtype=self.dtype, name='conv3')(h)
     h = ResidualStack(self.num_res_layers, self.res_hidden, self.dtype, name='res_stack')(h)
-    return nn.Conv(self.z_channels, (1, 1), dtype=self.dtype, name='conv_out')(h)
+    return conv.Conv(self.z_channels, (1, 1), dtype=self.dtype, name='conv_out')(h)
 
 
 class SonnetDecoder(nn.Module):
@@ -245,7 +248,7 @@ class SonnetDecoder(nn.Module):
   @nn.compact
   def __call__(self, z: jax.Array) -> jax.Array:
     z = z.astype(self.dtype)
-    h = nn.Conv(self.hidden, (3, 3), dtype=self.dtype, name='conv_in')(z)
+    h = conv.Conv(self.hidden, (3, 3), dtype=self.dtype, name='conv_in')(z)
     h = ResidualStack(self.num_res_layers, self.res_hidden, self.dtype, name='res_stack')(h)
     h = nn.relu(SubpixelConvTranspose(self.hidden // 2, self.dtype, name='deconv1')(h))
     self.sow('intermediates', 'conv_out_input', h)
@@ -261,7 +264,7 @@ def output_layer(arch: str, out_channels: int, dtype: Dtype = jnp.float32) -> nn
   """
   if arch == 'sonnet':
     return SubpixelConvTranspose(out_channels, dtype, name='conv_out')
-  return nn.Conv(out_channels, (3, 3), dtype=dtype, name='conv_out')
+  return conv.Conv(out_channels, (3, 3), dtype=dtype, name='conv_out')
 
 
 def downsample_factor(arch: str, ch_mult: Sequence[int] = ()) -> int:
