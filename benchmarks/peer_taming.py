@@ -54,6 +54,7 @@ Deliberate differences, none of which changes the compute much:
 from __future__ import annotations
 
 import contextlib
+import os
 import sys
 import types
 from typing import Any
@@ -140,7 +141,10 @@ class _RandomLPIPS(taming_lpips.LPIPS):
     self.chns = list(_LPIPS_CHANNELS)
     self.net = _VGG16Features()
     for i, channels in enumerate(_LPIPS_CHANNELS):
-      setattr(self, f'lin{i}', taming_lpips.NetLinLayer(channels, use_dropout=use_dropout))
+      lin = taming_lpips.NetLinLayer(channels, use_dropout=use_dropout)
+      with torch.no_grad():
+        lin.model[-1].weight.abs_()  # trained LPIPS heads are non-negative
+      setattr(self, f'lin{i}', lin)
     self.requires_grad_(False)
 
 
@@ -223,16 +227,17 @@ class TamingPeer:
     self.global_step = 0
     self.images = torch.from_numpy(np.ascontiguousarray(images.transpose(0, 3, 1, 2)))
     m, q, t = config.model, config.quantizer, config.train
-    self.autoencoder = _VQModel(
-        ch=m.ch, ch_mult=tuple(m.ch_mult), num_res_blocks=m.num_res_blocks,
-        attn_resolutions=tuple(m.attn_resolutions), resolution=config.data.image_size,
-        code_dim=q.code_dim, num_codes=q.num_codes, beta=q.beta).train()
+    # taming prints banners on construction; stdout carries only the benchmark's JSON.
+    with contextlib.redirect_stdout(sys.stderr):
+      self.autoencoder = _VQModel(
+          ch=m.ch, ch_mult=tuple(m.ch_mult), num_res_blocks=m.num_res_blocks,
+          attn_resolutions=tuple(m.attn_resolutions), resolution=config.data.image_size,
+          code_dim=q.code_dim, num_codes=q.num_codes, beta=q.beta).train()
     self.opt_g = torch.optim.Adam(self.autoencoder.parameters(), lr=t.learning_rate,
                                   betas=(t.b1, t.b2))
     self.loss = None
     self.opt_d = None
     if self.objective == 'vqgan':
-      # taming prints a banner on construction; stdout carries only the benchmark's JSON.
       with mock.patch.object(vqperceptual, 'LPIPS', _RandomLPIPS), \
           contextlib.redirect_stdout(sys.stderr):
         self.loss = vqperceptual.VQLPIPSWithDiscriminator(
@@ -300,4 +305,5 @@ class TamingPeer:
 
 def describe() -> dict[str, Any]:
   """Versions and threads of the peer's runtime, for the benchmark's JSON."""
-  return {'torch_version': torch.__version__, 'torch_threads': torch.get_num_threads()}
+  return {'torch_version': torch.__version__, 'torch_threads': torch.get_num_threads(),
+          'omp_wait_policy': os.environ.get('OMP_WAIT_POLICY', 'default')}

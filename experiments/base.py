@@ -86,6 +86,11 @@ def get_base_config() -> ml_collections.ConfigDict:
   c.eval.max_examples = 0        # evaluate only the first N examples (0: the whole split)
   c.eval.grid_images = 16        # images in the eval reconstruction grid
   c.eval.lpips = True            # compute LPIPS-VGG16 in eval
+  c.eval.rfid = True             # Inception rFID when its weights exist (else rfid: null, with why)
+  c.eval.probe = False           # linear-probe accuracy on frozen z_q (an extra encode pass)
+  c.eval.probe_train_dataset = 'tfds:cifar10:train'  # labelled dataset the probe trains on
+  c.eval.probe_max_train = 10_000  # probe trains on the first N examples (0: all)
+  c.eval.probe_grid = 4          # probe input: z_q avg-pooled to grid x grid, flattened (0: unpooled)
   return c
 
 

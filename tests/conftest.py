@@ -2,6 +2,7 @@
 
 import os
 import pathlib
+import tempfile
 
 # Must happen before jax initialises its backends: pmap tests need >= 2 local devices.
 NUM_TEST_DEVICES = 4
@@ -10,6 +11,11 @@ if "xla_force_host_platform_device_count" not in _flags:
   os.environ["XLA_FLAGS"] = (
       _flags + f" --xla_force_host_platform_device_count={NUM_TEST_DEVICES}").strip()
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
+# Tests (and the run.py subprocesses they start, which inherit the environment) compile
+# the same smoke steps many times: a persistent compilation cache shares the work.
+os.environ.setdefault(
+    "JAX_COMPILATION_CACHE_DIR",
+    os.path.join(tempfile.gettempdir(), f"vq-tests-jax-cache-{os.getuid()}"))
 
 _REPO = pathlib.Path(__file__).resolve().parents[1]
 _SHARED_TFDS = _REPO.parent / "shared" / "data" / "tfds"
