@@ -61,12 +61,7 @@ def test_unknown_config_argument_is_an_error():
 def _bad(field, value, **extra):
   def make():
     c = vqvae_cifar.get_config('smoke')
-    for k, v in {field: value, **extra}.items():
-      node = c
-      *parents, leaf = k.split('.')
-      for p in parents:
-        node = node[p]
-      node[leaf] = v
+    c.update_from_flattened_dict({field: value, **extra})
     return c
   return make
 

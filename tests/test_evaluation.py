@@ -35,12 +35,7 @@ def _smoke(**overrides):
   config = vqvae_cifar.get_config('smoke')
   config.eval.batch_size = 8
   config.eval.max_examples = 0
-  for key, value in overrides.items():
-    node = config
-    *parents, leaf = key.split('.')
-    for p in parents:
-      node = node[p]
-    node[leaf] = value
+  config.update_from_flattened_dict(overrides)
   return config
 
 

@@ -28,12 +28,7 @@ def _config(**overrides):
   c.loss.disc_start = 2
   c.loss.disc_warmup = 1
   c.train.num_steps = 10
-  for key, value in overrides.items():
-    node = c
-    *parents, leaf = key.split('.')
-    for p in parents:
-      node = node[p]
-    node[leaf] = value
+  c.update_from_flattened_dict(overrides)
   return c
 
 
