@@ -71,7 +71,7 @@ class _OurStep:
   def __init__(self, config: ml_collections.ConfigDict, images: np.ndarray):
     num_devices = jax.local_device_count()
     size = config.data.image_size
-    lpips_params = trainer.load_lpips_if_needed(config) if ts.uses_lpips(config) else None
+    lpips_params = trainer.load_lpips_if_needed(config)
     state = ts.create_train_state(config, ts.init_key(config.seed), (size, size, 3),
                                   lpips_params)
     self.num_params = {'generator': _param_count(state.params)}

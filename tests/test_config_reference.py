@@ -1,7 +1,6 @@
 """The README config reference is generated from experiments/base.py and must match it."""
 
 import ast
-import pathlib
 import textwrap
 
 import pytest

@@ -1,6 +1,5 @@
 """Tests for vq.metrics and vq.images against numpy formulas, scikit-image, scipy and PIL."""
 
-import functools
 import os
 
 import chex

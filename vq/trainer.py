@@ -24,7 +24,6 @@ from typing import Any
 from absl import logging
 from clu import periodic_actions
 import jax
-import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
@@ -62,7 +61,8 @@ def write_config(config: ml_collections.ConfigDict, workdir: pathlib.Path) -> No
 
 
 def load_lpips_if_needed(config: ml_collections.ConfigDict) -> Any:
-  if not ts.uses_lpips(config) and not (config.eval.lpips):
+  """LPIPS weights when the training loss uses them, else None."""
+  if not ts.uses_lpips(config):
     return None
   from vq import lpips  # pylint: disable=g-import-not-at-top
   return lpips.load_pretrained_params()
@@ -125,7 +125,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
   train_source = open_train_source(config)
   eval_source = open_eval_source(config)
   config_validation.validate_eval_size(config, len(eval_source))
-  lpips_params = load_lpips_if_needed(config) if ts.uses_lpips(config) else None
+  lpips_params = load_lpips_if_needed(config)
   image_shape = train_source.image_shape
   state = build_state(config, image_shape, lpips_params)
   config_json = json.loads(config.to_json_best_effort())
