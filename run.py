@@ -4,6 +4,8 @@ r"""vq: train and evaluate discrete image tokenizers (VQ-VAE, VQ-GAN).
   python run.py --config=experiments/vqvae_cifar.py:smoke --workdir=/tmp/smoke
   python run.py --config=experiments/vqvae_cifar.py --workdir=/tmp/vqvae --mode=eval
   python run.py --config=experiments/vqvae_cifar.py --config.train.batch_size=128 ...
+  python run.py --config=... --workdir=/shared/vq --coordinator_address=10.0.0.1:1234 \
+      --num_processes=2 --process_id=0        # on host 0; host 1 runs --process_id=1
 
 This file only parses flags; everything it calls lives in `vq/` and is what tests and
 the Colab notebook call too.
@@ -38,6 +40,15 @@ _REINIT = flags.DEFINE_bool(
     'reinit_unusable_checkpoints', False,
     'If the workdir has checkpoints but none can be restored, move them aside '
     '(checkpoints.unusable-<time>) and train from step 0 instead of stopping.')
+_COORDINATOR = flags.DEFINE_string(
+    'coordinator_address', None, "Multi-process: 'host:port' of process 0 (default: "
+    '$JAX_COORDINATOR_ADDRESS or what JAX detects under Slurm / Open MPI / Cloud TPU).')
+_NUM_PROCESSES = flags.DEFINE_integer(
+    'num_processes', None, 'Multi-process: processes in the job (default: from the launcher '
+    'in the environment, else 1).')
+_PROCESS_ID = flags.DEFINE_integer(
+    'process_id', None, 'Multi-process: this process, 0 .. num_processes - 1 (default: from '
+    'the launcher in the environment).')
 flags.mark_flags_as_required(['config', 'workdir'])
 
 
@@ -74,6 +85,13 @@ def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f'Unexpected arguments: {argv[1:]}')
   logging.get_absl_handler().addFilter(_QuietLibraries())
+  from vq import distributed  # pylint: disable=g-import-not-at-top
+  try:
+    # Before anything touches a device: joins the other processes of a multi-host job.
+    distributed.initialize(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value)
+  except ValueError as e:
+    print(f'error: {e}', file=sys.stderr)
+    sys.exit(2)
   # Imported here so that `--help` stays fast and flag errors come before JAX starts.
   from vq import checkpointing  # pylint: disable=g-import-not-at-top
   from vq import config_validation  # pylint: disable=g-import-not-at-top

@@ -4,12 +4,21 @@ r"""Train-step throughput for a config: one JSON line (per objective).
   python -m benchmarks.train_step --config=experiments/vqgan_cifar.py --config.loss.disc_start=0
   python -m benchmarks.train_step --config=experiments/vqgan_cifar.py --peer=taming \
       --objectives=vqvae,vqgan --steps=5     # needs the bench venv, see peer_taming.py
+  python -m benchmarks.train_step --config=experiments/vqvae_cifar.py --parallel=jit
 
-Takes the same config file and overrides as run.py. Times the real pmapped train step on
+Takes the same config file and overrides as run.py. Times the real train step, mapped over
+the devices by `--parallel` (default: config.train.parallel; see vq/parallel.py), on
 random images already on the device (the input pipeline is measured separately by
 benchmarks/input_pipeline.py), after a compile step and warm-up steps; reports the median
 over timed steps. For VQ-GAN, set disc_start=0 to time the full generator + discriminator
 step (before disc_start the step still runs the discriminator; only the update is masked).
+
+FLOPs come from XLA's cost analysis of the compiled step (`flops_per_device_step`, the
+per-device program; `flops_per_s` = that x devices / median step time). `mfu` divides
+the per-device rate by the device's peak dense bf16 FLOP/s from `PEAK_BF16_FLOPS` (by
+`device_kind`; unknown kinds, CPUs included, print FLOP/s only). XLA counts a
+multiply-add as 2 FLOPs and counts the program it compiled, so recomputed work counts
+and work XLA could not see into (library calls it does not model) does not.
 
 `--peer=taming` also builds taming-transformers' PyTorch step at the same architecture and
 batch (benchmarks/peer_taming.py), on the same images, and times the two interleaved: each
@@ -49,12 +58,48 @@ _WARMUP = flags.DEFINE_integer('warmup', 2, 'Untimed steps (rounds) after the co
 _PEER = flags.DEFINE_enum('peer', None, ['taming'],
                           'Also time this peer at the same architecture, interleaved.')
 _PEER_THREADS = flags.DEFINE_integer('peer_threads', 2, 'torch intra-op threads of the peer.')
+_PARALLEL = flags.DEFINE_enum(
+    'parallel', None, list(parallel.KINDS),
+    'Data parallelism of the timed step (default: config.train.parallel).')
+_PER_DEVICE_BATCH = flags.DEFINE_integer(
+    'per_device_batch', None, 'If set, train.batch_size = this x the number of devices.')
 _OBJECTIVES = flags.DEFINE_list(
     'objectives', None, "Objectives to time, e.g. 'vqvae,vqgan' (default: config.objective); "
     'several run one process each.')
 flags.mark_flags_as_required(['config'])
 
 _REPO = pathlib.Path(__file__).resolve().parents[1]
+
+# Peak dense bf16 FLOP/s per device (vendor figures, no sparsity), matched in order
+# against `device_kind` (lower-cased); a TPU's device is a chip (v4/v5p: both cores).
+PEAK_BF16_FLOPS = (
+    ('h100 pcie', 756e12),
+    ('h100', 989e12),
+    ('h200', 989e12),
+    ('a100', 312e12),
+    ('tpu v6 lite', 918e12), ('tpu v6e', 918e12),
+    ('tpu v5 lite', 197e12), ('tpu v5e', 197e12),
+    ('tpu v5p', 459e12), ('tpu v5', 459e12),
+    ('tpu v4', 275e12),
+)
+
+
+def peak_bf16_flops(device_kind: str) -> float | None:
+  """Peak dense bf16 FLOP/s of one device of `device_kind`, or None if not in the table."""
+  kind = device_kind.lower()
+  for key, peak in PEAK_BF16_FLOPS:
+    if key in kind:
+      return peak
+  return None
+
+
+def _flops(compiled) -> float | None:
+  """FLOPs of one call of the compiled per-device program (None if XLA gives none)."""
+  cost = compiled.cost_analysis()
+  if isinstance(cost, (list, tuple)):  # older JAX: one dict per program
+    cost = cost[0] if cost else None
+  flops = (cost or {}).get('flops')
+  return float(flops) if flops and flops > 0 else None
 
 
 def _peak_rss_mb() -> float:
@@ -66,7 +111,7 @@ def _param_count(tree) -> int:
 
 
 class _OurStep:
-  """Our pmapped train step on a fixed batch; the constructor compiles it (first step)."""
+  """Our train step on a fixed batch; the constructor compiles it and runs it once."""
 
   def __init__(self, config: ml_collections.ConfigDict, images: np.ndarray):
     num_devices = jax.local_device_count()
@@ -80,14 +125,17 @@ class _OurStep:
     if state.frozen:
       self.num_params['lpips'] = _param_count(state.frozen)
     settings = steps.StepSettings.from_config(config)
-    self._p_step = parallel.pmap_train_step(
-        functools.partial(steps.train_step, settings=settings))
-    self._p_state = parallel.replicate(state)
-    self._p_rng = parallel.replicate(jax.random.PRNGKey(0))
-    self._batch = parallel.shard(
+    self.par = parallel.get(_PARALLEL.value or config.train.parallel)
+    p_step = self.par.step(functools.partial(steps.train_step, settings=settings))
+    self._p_state = self.par.replicate(state)
+    self._p_rng = self.par.replicate(jax.random.PRNGKey(0))
+    self._batch = self.par.shard(
         {'image': images.reshape((num_devices, -1) + images.shape[1:])})
     self.metrics = None
     start = time.perf_counter()
+    # Compiled ahead of time once: the executable both runs and gives its cost analysis.
+    self._p_step = p_step.lower(self._p_state, self._batch, self._p_rng).compile()
+    self.flops_per_device_step = _flops(self._p_step)
     self()
     self.compile_s = time.perf_counter() - start
 
@@ -119,6 +167,25 @@ def _device_fields() -> dict:
   }
 
 
+def _flops_fields(flops_per_device_step: float | None, step_s: float) -> dict:
+  """FLOPs per step, FLOP/s and MFU against the device's peak bf16 rate (if known)."""
+  if flops_per_device_step is None:
+    return {'flops_per_device_step': None, 'mfu_unavailable': 'XLA gave no cost analysis'}
+  n = jax.local_device_count() * jax.process_count()
+  per_device = flops_per_device_step / step_s
+  peak = peak_bf16_flops(jax.local_devices()[0].device_kind)
+  out = {'flops_per_device_step': flops_per_device_step,
+         'flops_per_step': flops_per_device_step * n,
+         'flops_per_s': per_device * n,
+         'flops_per_s_per_device': per_device,
+         'peak_bf16_flops_per_s_per_device': peak}
+  if peak:
+    out['mfu'] = per_device / peak
+  else:
+    out['mfu_unavailable'] = 'device_kind not in PEAK_BF16_FLOPS'
+  return out
+
+
 def _time_ours(config: ml_collections.ConfigDict) -> dict:
   """Our step alone: the benchmark's original JSON fields."""
   ours = _OurStep(config, _random_images(config))
@@ -138,6 +205,9 @@ def _time_ours(config: ml_collections.ConfigDict) -> dict:
       'compile_plus_first_step_s': ours.compile_s,
       'timed_steps': len(times),
       'peak_rss_mb': _peak_rss_mb(),
+      'parallel': ours.par.kind,
+      'dtype': config.model.dtype,
+      **_flops_fields(ours.flops_per_device_step, step_s),
       **_device_fields(),
   }
 
@@ -176,7 +246,7 @@ def _time_against_peer(config: ml_collections.ConfigDict, overrides: dict) -> di
   peer_losses = peer.step()  # untimed: the last losses, to show both steps do real work
   ours_s, peer_s = float(np.median(ours_times)), float(np.median(peer_times))
   batch = config.train.batch_size
-  ours_last = {k: float(np.asarray(v)[0]) for k, v in ours.metrics.items()
+  ours_last = {k: float(v) for k, v in jax.device_get(ours.par.unreplicate(ours.metrics)).items()
                if k in ('loss', 'd_loss', 'd_weight', 'perceptual_loss')}
   return {
       **_common_fields(config),
@@ -236,6 +306,9 @@ def main(argv):
   config = config.copy_and_resolve_references()
   config.objective = objectives[0]
   overrides = {'objective': config.objective}
+  if _PER_DEVICE_BATCH.value:
+    config.train.batch_size = _PER_DEVICE_BATCH.value * jax.device_count()
+    overrides['train.batch_size'] = config.train.batch_size
   if _PEER.value and config.objective == 'vqgan':
     # The peer's discriminator and adversarial weight act from step 0.
     config.loss.disc_start = 0

@@ -33,12 +33,23 @@ def get_base_config() -> ml_collections.ConfigDict:
   c.model.num_res_layers = 2     # sonnet: residual blocks
 
   c.quantizer = ml_collections.ConfigDict()
-  c.quantizer.kind = 'ema'       # 'ema' (EMA codebook) or 'vq' (codebook learned by gradient)
+  c.quantizer.kind = 'ema'       # 'ema' (EMA codebook), 'vq' (learned by gradient), 'fsq', 'lfq' or 'rvq'
   c.quantizer.num_codes = 512    # codebook size K
   c.quantizer.code_dim = 64      # code dimension D (encoder output channels)
   c.quantizer.beta = 0.25        # commitment weight: beta * ||z_e - sg[e]||^2
   c.quantizer.decay = 0.99       # ema: decay of counts and sums
   c.quantizer.epsilon = 1e-5     # ema: Laplace smoothing of counts
+  c.quantizer.init = 'random'    # vq/ema: 'random' or 'kmeans' (k-means++ and Lloyd on the first global batch)
+  c.quantizer.kmeans_iters = 10  # vq/ema: Lloyd iterations of the k-means initialisation
+  c.quantizer.restart_after = 0  # vq/ema: replace codes unused for this many steps by batch encodings (0: never)
+  c.quantizer.lookup_dim = 0     # vq/ema: project to this many dims for the lookup and back (0: no projection)
+  c.quantizer.l2_normalize = False  # vq/ema: l2-normalise inputs and codes (cosine-similarity lookup)
+  c.quantizer.gradient = 'ste'   # vq/ema/rvq: 'ste' (straight-through) or 'rotation' (rotation trick)
+  c.quantizer.entropy_weight = 0.0  # weight of the entropy penalty (per-sample entropy - batch entropy)
+  c.quantizer.entropy_temperature = 0.01  # softmax temperature of the entropy penalty
+  c.quantizer.fsq_levels = (8, 5, 5, 5)  # fsq: levels per dimension; num_codes must be their product
+  c.quantizer.rvq_depth = 4      # rvq: codebooks quantizing successive residuals
+  c.quantizer.usage_window = 1000  # steps of the sliding window for codebook_usage in training logs
 
   c.loss = ml_collections.ConfigDict()
   c.loss.recon = 'l2'            # reconstruction loss: 'l2' (squared error) or 'l1'
@@ -79,6 +90,7 @@ def get_base_config() -> ml_collections.ConfigDict:
   c.train.keep_checkpoints = 3   # checkpoints kept on disk
   c.train.image_every = 1000     # steps between reconstruction grids in workdir/images
   c.train.eval_every = 0         # steps between test-split evaluations during training (0: never)
+  c.train.parallel = 'pmap'      # data parallelism: 'pmap' or 'jit' (jax.jit over a device mesh)
 
   c.eval = ml_collections.ConfigDict()
   c.eval.dataset = 'tfds:cifar10:test'  # evaluation dataset spec (any spec form)

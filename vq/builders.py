@@ -52,17 +52,44 @@ def build_tokenizer(config: ml_collections.ConfigDict,
     decoder = nets.TamingDecoder(out_channels=3, **common)
   else:
     raise ValueError(f"config.model.arch={m.arch!r} is unknown; choose 'sonnet' or 'taming'.")
-  if q.kind == 'ema':
-    quantizer = quantizers.EMAVectorQuantizer(
-        num_codes=q.num_codes, code_dim=q.code_dim, beta=q.beta, decay=q.decay,
-        epsilon=q.epsilon, axis_name=axis_name)
-  elif q.kind == 'vq':
-    quantizer = quantizers.VectorQuantizer(num_codes=q.num_codes, code_dim=q.code_dim,
-                                           beta=q.beta, axis_name=axis_name)
-  else:
-    raise ValueError(f'config.quantizer.kind={q.kind!r} is unknown; choose one of '
-                     f'{sorted(quantizers.QUANTIZERS)}.')
+  quantizer = build_quantizer(q, axis_name=axis_name)
   return tokenizer.VQTokenizer(encoder=encoder, quantizer=quantizer, decoder=decoder)
+
+
+def build_quantizer(q: ml_collections.ConfigDict, axis_name: str | None = None) -> nn.Module:
+  """The quantizer named by `config.quantizer.kind`, with the fields that kind reads."""
+  codebook_options = dict(
+      lookup_dim=q.lookup_dim, l2_normalize=q.l2_normalize, gradient=q.gradient,
+      entropy_weight=q.entropy_weight, entropy_temperature=q.entropy_temperature,
+      kmeans_iters=q.kmeans_iters)
+  if q.kind == 'ema':
+    return quantizers.EMAVectorQuantizer(
+        num_codes=q.num_codes, code_dim=q.code_dim, beta=q.beta, decay=q.decay,
+        epsilon=q.epsilon, axis_name=axis_name, **codebook_options)
+  if q.kind == 'vq':
+    return quantizers.VectorQuantizer(num_codes=q.num_codes, code_dim=q.code_dim, beta=q.beta,
+                                      axis_name=axis_name, **codebook_options)
+  if q.kind == 'fsq':
+    from vq import scalar_quantizers  # pylint: disable=g-import-not-at-top
+    return scalar_quantizers.FSQ(levels=tuple(q.fsq_levels), code_dim=q.code_dim,
+                                 axis_name=axis_name)
+  if q.kind == 'lfq':
+    from vq import scalar_quantizers  # pylint: disable=g-import-not-at-top
+    return scalar_quantizers.LFQ(num_codes=q.num_codes, code_dim=q.code_dim, beta=q.beta,
+                                 entropy_weight=q.entropy_weight,
+                                 entropy_temperature=q.entropy_temperature, axis_name=axis_name)
+  if q.kind == 'rvq':
+    from vq import residual_vq  # pylint: disable=g-import-not-at-top
+    return residual_vq.ResidualVQ(num_codes=q.num_codes, code_dim=q.code_dim, depth=q.rvq_depth,
+                                  base='ema', beta=q.beta, decay=q.decay, epsilon=q.epsilon,
+                                  axis_name=axis_name)
+  raise ValueError(f"config.quantizer.kind={q.kind!r} is unknown; choose one of 'ema', 'vq', "
+                   "'fsq', 'lfq', 'rvq'.")
+
+
+def maintains_codebook(q: ml_collections.ConfigDict) -> bool:
+  """Whether the train step runs k-means initialisation or dead-code restarts."""
+  return q.kind in ('vq', 'ema') and (q.init == 'kmeans' or q.restart_after > 0)
 
 
 def decoder_output_layer(config: ml_collections.ConfigDict) -> nn.Module:

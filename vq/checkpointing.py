@@ -37,7 +37,9 @@ STRUCTURAL_FIELDS = (
     'objective', 'data.image_size', 'model.arch', 'model.ch', 'model.ch_mult',
     'model.num_res_blocks', 'model.attn_resolutions', 'model.hidden', 'model.res_hidden',
     'model.num_res_layers', 'quantizer.kind', 'quantizer.num_codes', 'quantizer.code_dim',
-    'disc.name', 'disc.ndf', 'disc.n_layers', 'disc.norm')
+    'quantizer.lookup_dim', 'quantizer.fsq_levels', 'quantizer.rvq_depth', 'disc.name', 'disc.ndf', 'disc.n_layers', 'disc.norm')
+# Quantizer fields that shape the state only for some kinds.
+QUANTIZER_SHAPES = {'lookup_dim': ('vq', 'ema'), 'fsq_levels': ('fsq',), 'rvq_depth': ('rvq',)}
 # Fields whose being zero or not changes the optimizer or EMA state structure.
 STRUCTURAL_SWITCHES = ('train.grad_clip', 'train.weight_decay', 'train.ema_decay')
 
@@ -64,6 +66,9 @@ def incompatible_fields(saved: dict[str, Any], current: dict[str, Any]) -> list[
                                                      'attn_resolutions') and arch != 'taming':
       continue
     a, b = _lookup(saved, field), _lookup(current, field)
+    if field.startswith('quantizer.') and field[10:] in QUANTIZER_SHAPES:
+      if _lookup(current, 'quantizer.kind') not in QUANTIZER_SHAPES[field[10:]]:
+        continue
     if a != b:
       out.append(f'{field}: saved {a!r}, now {b!r}')
   for field in STRUCTURAL_SWITCHES:

@@ -18,7 +18,20 @@ from vq import nets
 
 OBJECTIVES = ('vqvae', 'vqgan')
 ARCHS = ('sonnet', 'taming')
-QUANTIZER_KINDS = ('vq', 'ema')
+QUANTIZER_KINDS = ('vq', 'ema', 'fsq', 'lfq', 'rvq')
+QUANTIZER_INITS = ('random', 'kmeans')
+QUANTIZER_GRADIENTS = ('ste', 'rotation')
+# Quantizer options, the value that means "off", and the kinds that implement them.
+QUANTIZER_OPTIONS = {
+    'init': ('random', ('vq', 'ema')),
+    'restart_after': (0, ('vq', 'ema')),
+    'lookup_dim': (0, ('vq', 'ema')),
+    'l2_normalize': (False, ('vq', 'ema')),
+    'gradient': ('ste', ('vq', 'ema')),
+    'entropy_weight': (0.0, ('vq', 'ema', 'lfq')),
+}
+# LFQ's entropy penalty sums over all 2**bits codes for every position.
+LFQ_MAX_BITS = 16
 RECON_LOSSES = ('l1', 'l2')
 GAN_LOSSES = ('hinge', 'nonsaturating')
 DISCRIMINATORS = ('patchgan', 'stylegan')
@@ -77,6 +90,7 @@ def validate(config: ml_collections.ConfigDict, *, num_devices: int,
   decay = c.quantizer.decay
   if not 0.0 < decay < 1.0:
     _fail('quantizer.decay', decay, 'must be in (0, 1)', 'use e.g. 0.99')
+  _validate_quantizer(c)
   for w in ('recon_weight', 'perceptual_weight', 'disc_weight', 'lecam_weight', 'r1_weight'):
     _at_least(c, f'loss.{w}', 0.0)
   _at_least(c, 'train.num_steps', 1)
@@ -155,6 +169,45 @@ def validate(config: ml_collections.ConfigDict, *, num_devices: int,
       _fail('disc.n_layers', c.disc.n_layers,
             f'downsamples {c.data.image_size}px images below 4px before the two 4x4 convs',
             'use fewer layers for small images (2 for 32x32)')
+
+
+def _validate_quantizer(c: ml_collections.ConfigDict) -> None:
+  q = c.quantizer
+  _choice(c, 'quantizer.init', QUANTIZER_INITS)
+  _choice(c, 'quantizer.gradient', QUANTIZER_GRADIENTS)
+  for field in ('kmeans_iters', 'restart_after', 'lookup_dim', 'entropy_weight'):
+    _at_least(c, f'quantizer.{field}', 0)
+  _at_least(c, 'quantizer.entropy_temperature', 0.0, strict=True)
+  _at_least(c, 'quantizer.usage_window', 1)
+  for field, (off, kinds) in QUANTIZER_OPTIONS.items():
+    if q.kind not in kinds and q[field] != off:
+      _fail(f'quantizer.{field}', q[field], f'is not supported by quantizer.kind={q.kind!r} '
+            f'(only by {", ".join(map(repr, kinds))})', f'set it to {off!r} or change the kind')
+  if q.kind == 'fsq':
+    levels = tuple(q.fsq_levels)
+    if not levels or any(int(l) != l or l < 3 for l in levels):
+      _fail('quantizer.fsq_levels', levels, 'must be integers >= 3 (FSQ bounds a 2-level '
+            'dimension to a single value)', "use e.g. (8, 5, 5, 5), or kind='lfq' for bits")
+    product = 1
+    for l in levels:
+      product *= int(l)
+    if product != q.num_codes:
+      _fail('quantizer.num_codes', q.num_codes, f'differs from the product {product} of '
+            f'quantizer.fsq_levels={levels}', f'set --config.quantizer.num_codes={product}')
+  if q.kind == 'lfq':
+    bits = q.num_codes.bit_length() - 1
+    if q.num_codes != 2 ** bits:
+      _fail('quantizer.num_codes', q.num_codes, 'is not a power of two (LFQ codes are bit '
+            'strings)', f'use e.g. {2 ** max(bits, 1)}')
+    if bits > LFQ_MAX_BITS:
+      _fail('quantizer.num_codes', q.num_codes, f'needs {bits} bits; the exact LFQ entropy '
+            f'penalty over 2**bits codes is limited to {LFQ_MAX_BITS} bits here',
+            f'use at most {2 ** LFQ_MAX_BITS} codes')
+  if q.kind == 'rvq':
+    _at_least(c, 'quantizer.rvq_depth', 1)
+  if q.lookup_dim and q.kind in ('vq', 'ema') and q.lookup_dim > q.code_dim:
+    _fail('quantizer.lookup_dim', q.lookup_dim, f'exceeds quantizer.code_dim={q.code_dim} '
+          '(the lookup space is a low-dimensional projection)', 'use e.g. 8')
 
 
 def validate_eval_size(config: ml_collections.ConfigDict, num_examples: int) -> None:

@@ -21,7 +21,8 @@ Conventions (so numbers can be quoted; `EVALUATOR` names them in every result):
   (`vq.inception.load_params`); otherwise `rfid` is null and `rfid_unavailable` says why.
   With few examples (fewer than the feature dimension) the covariances are singular and these
   distances are biased upwards; compare them only at equal `num_examples`.
-- bits_per_image: token grid h * w * log2(num_codes); compression_ratio: H * W * 24 bits of
+- bits_per_image: token grid h * w * bits per token (log2(num_codes) for VQ);
+  compression_ratio: H * W * 24 bits of
   the uint8 RGB image over bits_per_image.
 - Codebook usage: fraction of codes chosen at least once over the split; perplexity:
   exp(entropy) of the code histogram over the split.
@@ -106,7 +107,7 @@ def make_eval_step(config: ml_collections.ConfigDict, *, with_lpips: bool,
     identical on every device.
   """
   model = builders.build_tokenizer(config)
-  num_codes = config.quantizer.num_codes
+  vocab, depth = model.quantizer.vocab_size, model.quantizer.index_depth
   lpips_module = None
   if with_lpips:
     from vq import lpips  # pylint: disable=g-import-not-at-top
@@ -130,7 +131,9 @@ def make_eval_step(config: ml_collections.ConfigDict, *, with_lpips: bool,
       rows['label'] = batch['label']
     sums = {k: jnp.sum(v * mask) for k, v in per_image.items()}
     sums['num_examples'] = jnp.sum(mask)
-    one_hot = jax.nn.one_hot(q.indices.reshape(mask.shape[0], -1), num_codes)
+    # Residual VQ: level l's code k counts as entry l * vocab + k (as in QuantizerOutput.counts).
+    flat = q.indices.reshape(mask.shape[0], -1, depth) + vocab * jnp.arange(depth)
+    one_hot = jax.nn.one_hot(flat.reshape(mask.shape[0], -1), vocab * depth)
     sums['code_counts'] = jnp.einsum('nlk,n->k', one_hot, mask)
     return jax.lax.psum(sums, AXIS), _gather(rows)
 
@@ -307,14 +310,18 @@ def _distance(accs: dict[str, fid.StatsAccumulator], cached: Any, key: str, pref
 
 def token_bits(config: ml_collections.ConfigDict, params: Any, vq_stats: Any,
                image_shape: tuple[int, int, int]) -> tuple[tuple[int, int], float, float]:
-  """((h, w) token grid, bits per image h * w * log2(K), H * W * 24 / bits)."""
+  """((h, w) token grid, bits per image, H * W * 24 / bits).
+
+  Bits per image are h * w * the quantizer's `bits_per_token`: log2(K) for VQ, log2 of the
+  product of the levels for FSQ, the number of bits for LFQ, depth * log2(K) for residual VQ.
+  """
   model = builders.build_tokenizer(config)
   tokens = jax.eval_shape(
       lambda p, s, x: model.apply({'params': p, 'vq_stats': s}, x,
                                   method=tokenizer.VQTokenizer.tokenize),
       params, vq_stats, jax.ShapeDtypeStruct((1,) + tuple(image_shape), jnp.float32))
   h, w = tokens.shape[1:3]
-  bits = h * w * math.log2(config.quantizer.num_codes)
+  bits = h * w * model.quantizer.bits_per_token
   return (h, w), bits, image_shape[0] * image_shape[1] * 24 / bits
 
 

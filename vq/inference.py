@@ -59,7 +59,9 @@ def _architecture(config_dict: dict[str, Any]) -> dict[str, Any]:
   quantizer = config_dict.get('quantizer', {})
   return {
       **{f'model.{k}': v for k, v in config_dict.get('model', {}).items()},
-      **{f'quantizer.{k}': quantizer.get(k) for k in ('kind', 'num_codes', 'code_dim')},
+      **{f'quantizer.{k}': quantizer.get(k) for k in (
+          'kind', 'num_codes', 'code_dim', 'lookup_dim', 'l2_normalize', 'fsq_levels',
+          'rvq_depth')},
       'data.image_size': config_dict.get('data', {}).get('image_size'),
   }
 
@@ -98,8 +100,9 @@ class Tokenizer:
     step: the checkpoint step the weights come from.
     config_hash: `config_hash(config)`; written into token files by `encode_dataset`.
     image_size: side of the square uint8 images it takes and returns.
-    token_shape: (h, w), the token grid of one image.
-    num_codes: codebook size; tokens lie in [0, num_codes).
+    token_shape: (h, w), the token grid of one image ((h, w, depth) for residual VQ).
+    num_codes: codes per token; tokens lie in [0, num_codes) (the quantizer's vocab_size:
+      prod(fsq_levels) for FSQ).
   """
 
   def __init__(self, config: ml_collections.ConfigDict, params: Any, vq_stats: Any, *,
@@ -116,8 +119,8 @@ class Tokenizer:
     self.step = int(step)
     self.config_hash = config_hash(config)
     self.image_size = int(config.data.image_size)
-    self.num_codes = int(config.quantizer.num_codes)
     model = builders.build_tokenizer(config)
+    self.num_codes = int(model.quantizer.vocab_size)
     variables = {'params': params}
     if vq_stats:
       variables['vq_stats'] = vq_stats
@@ -136,7 +139,7 @@ class Tokenizer:
     self._detokenize = jax.jit(detokenize)
     dummy = jax.ShapeDtypeStruct((1, self.image_size, self.image_size, 3), jnp.uint8)
     grid = jax.eval_shape(tokenize, self._variables, dummy).shape
-    self.token_shape = (int(grid[1]), int(grid[2]))
+    self.token_shape = tuple(int(d) for d in grid[1:])
 
   @classmethod
   def from_workdir(cls, config: ml_collections.ConfigDict, workdir: PathLike,
@@ -222,12 +225,12 @@ class Tokenizer:
 
   def _check_tokens(self, tokens: Any, where: str) -> np.ndarray:
     tokens = np.asarray(tokens)
-    h, w = self.token_shape
-    expected = f'integer tokens [N, {h}, {w}] in [0, {self.num_codes})'
+    shape = ', '.join(map(str, self.token_shape))
+    expected = f'integer tokens [N, {shape}] in [0, {self.num_codes})'
     if tokens.dtype == np.bool_ or not np.issubdtype(tokens.dtype, np.integer):
       raise ValueError(f'{where} expects {expected}; saw dtype {tokens.dtype}. Pass the '
                        'output of encode (int32).')
-    if tokens.ndim != 3 or tokens.shape[1:] != (h, w):
+    if tokens.ndim != 1 + len(self.token_shape) or tokens.shape[1:] != self.token_shape:
       raise ValueError(f'{where} expects {expected}; saw shape {tokens.shape}. Pass token '
                        'grids from this model (add a batch axis with t[None] for one grid).')
     if tokens.size:

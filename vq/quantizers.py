@@ -8,16 +8,27 @@ Usage sketch::
   out.quantized, out.indices, out.loss, out.perplexity
   images_codes = vq.apply(variables, out.indices, method='lookup')
 
+  # Options (both quantizers): factorised cosine lookup, entropy penalty, rotation trick.
+  vq = VectorQuantizer(num_codes=8192, code_dim=256, lookup_dim=8, l2_normalize=True,
+                       entropy_weight=0.1, gradient='rotation')
+  # Codebook upkeep (k-means init, dead-code restarts), run by the train step after the
+  # step's own updates, with `z` the gathered `intermediates/lookup_input` rows:
+  changed, variables = vq.apply(variables, z, dead, kmeans_now, method='maintain',
+                                mutable=['params', 'vq_stats'], rngs={'codebook': key})
+
 Both quantizers return a `QuantizerOutput`. The codebook and commitment losses are
 computed from `z_e` and the selected codes *before* the straight-through patch
 `z_q = z_e + sg(e - z_e)`, and beta multiplies the commitment term
-`||z_e - sg(e)||^2` (van den Oord et al. 2017, eq. 3).
+`||z_e - sg(e)||^2` (van den Oord et al. 2017, eq. 3). With `lookup_dim` or
+`l2_normalize`, "z_e" above means the encoder output in the lookup space (projected,
+normalised) and the selected code is projected back to `code_dim` afterwards.
 
 Distances, EMA statistics and losses are kept in float32 whatever the network dtype.
 """
 
 from __future__ import annotations
 
+import math
 from typing import Optional
 
 import flax
@@ -25,9 +36,15 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from vq import kmeans as kmeans_lib
 from vq import metrics
 
 STATS = 'vq_stats'  # variable collection holding codebook statistics
+GRADIENTS = ('ste', 'rotation')
+
+# Norms below this count as zero: the rotation trick falls back to straight-through, and
+# l2 normalisation leaves the vector at (near) zero instead of dividing by zero.
+_NORM_EPS = 1e-6
 
 
 @flax.struct.dataclass
@@ -35,15 +52,19 @@ class QuantizerOutput:
   """What every quantizer returns.
 
   Attributes:
-    quantized: straight-through output; equals the selected codes in the forward pass.
+    quantized: straight-through (or rotated) output; in the forward pass, the selected
+      codes mapped back to code_dim.
     indices: int32 code indices, shape of the input without its last axis.
     codebook_loss: mean ||sg[z_e] - e||^2 (zero when the codebook is an EMA).
     commitment_loss: mean ||z_e - sg[e]||^2, unweighted.
-    loss: codebook_loss + beta * commitment_loss: what the train step adds to its loss.
+    loss: codebook_loss + beta * commitment_loss (+ entropy_weight * entropy_loss): what
+      the train step adds to its loss.
     perplexity: exp(entropy) of code usage in this batch (over all devices if an axis
       name is given).
     counts: float32 [num_codes], how often each code was chosen in this batch (summed
-      over devices if an axis name is given).
+      over devices if an axis name is given). Residual VQ concatenates its levels.
+    entropy_loss: the entropy penalty before its weight (zero when it is off); its
+      weighted value is already part of `loss`.
   """
   quantized: jax.Array
   indices: jax.Array
@@ -52,6 +73,7 @@ class QuantizerOutput:
   loss: jax.Array
   perplexity: jax.Array
   counts: jax.Array
+  entropy_loss: jax.Array
 
 
 def squared_distances(z: jax.Array, codebook: jax.Array) -> jax.Array:
@@ -71,8 +93,80 @@ def nearest_codes(z: jax.Array, codebook: jax.Array) -> jax.Array:
   return jnp.argmin(squared_distances(z, codebook), axis=-1).astype(jnp.int32)
 
 
+def normalize_rows(x: jax.Array) -> jax.Array:
+  """Rows of x scaled to unit length, float32; (near-)zero rows stay (near) zero."""
+  x = x.astype(jnp.float32)
+  # max() inside the rsqrt keeps the gradient finite at x = 0, unlike a norm.
+  return x * jax.lax.rsqrt(jnp.maximum(jnp.sum(x * x, axis=-1, keepdims=True), _NORM_EPS ** 2))
+
+
 def _psum(x: jax.Array, axis_name: Optional[str]) -> jax.Array:
   return x if axis_name is None else jax.lax.psum(x, axis_name)
+
+
+def entropy_penalty(distances: jax.Array, temperature: float,
+                    axis_name: Optional[str] = None) -> jax.Array:
+  """MaskGIT-style entropy penalty from [M, K] squared distances, float32 scalar.
+
+  With p = softmax(-d / T) per position, returns mean_m H(p_m) - H(mean_m p_m): low
+  when each position is confident about its code while all positions together spread
+  over the codebook. With an axis name both means run over every device (psum of sums
+  over psum of counts), so N devices give the value of 1 device on the concatenated batch.
+  Under pmap the gradient each device gets is then, like a local mean's, N times its
+  share of the global gradient; the step's pmean of the gradients removes that factor.
+
+  Args:
+    distances: [M, K] squared distances between M inputs and K codes.
+    temperature: softmax temperature T > 0.
+    axis_name: pmap axis to average over, or None.
+
+  Returns:
+    The penalty in nats.
+  """
+  logits = -distances.astype(jnp.float32) / temperature
+  log_p = jax.nn.log_softmax(logits, axis=-1)
+  p = jnp.exp(log_p)
+  total = _psum(jnp.asarray(distances.shape[0], jnp.float32), axis_name)
+  per_position = _psum(-jnp.sum(p * log_p), axis_name) / total
+  mean_p = _psum(jnp.sum(p, axis=0), axis_name) / total
+  # A code whose probability underflowed to 0 adds 0; the floor keeps its gradient finite.
+  batch = -jnp.sum(mean_p * jnp.log(jnp.maximum(mean_p, 1e-30)))
+  return per_position - batch
+
+
+def rotate_to(z: jax.Array, e: jax.Array) -> jax.Array:
+  """The rotation trick (Fifty et al. 2024): forward value e, gradient lambda * R.
+
+  R = I - 2 r r^T + 2 q u^T with u = z/||z||, q = e/||e||, r = (u+q)/||u+q|| rotates u
+  onto q, and lambda = ||e||/||z|| rescales; both are constants for the gradient. The
+  product lambda * R z is formed from dot products, never materialising R. For u = -q
+  the guard sets r = 0 and R = I - 2 q q^T, a reflection that still maps u onto q; for
+  ||z|| ~ 0 it uses u = q and lambda = 1, i.e. the straight-through identity.
+
+  Args:
+    z: [M, d] inputs.
+    e: [M, d] their selected codes (no gradient flows to them through this function).
+
+  Returns:
+    float32 [M, d] equal to e up to one rounding, with d out / d z = lambda * R per row.
+  """
+  sg = jax.lax.stop_gradient
+  z = z.astype(jnp.float32)
+  e = sg(e.astype(jnp.float32))
+  z_norm = sg(jnp.sqrt(jnp.sum(z * z, axis=-1, keepdims=True)))
+  e_norm = jnp.sqrt(jnp.sum(e * e, axis=-1, keepdims=True))
+  q = e / jnp.maximum(e_norm, _NORM_EPS)
+  live = z_norm > _NORM_EPS
+  safe_z_norm = jnp.where(live, z_norm, 1.0)
+  u = jnp.where(live, sg(z) / safe_z_norm, q)
+  scale = jnp.where(live, e_norm / safe_z_norm, 1.0)
+  w = u + q
+  w_norm = jnp.sqrt(jnp.sum(w * w, axis=-1, keepdims=True))
+  r = jnp.where(w_norm > _NORM_EPS, w / jnp.maximum(w_norm, _NORM_EPS), 0.0)
+  dot = lambda a, b: jnp.sum(a * b, axis=-1, keepdims=True)
+  rotated = scale * (z - 2.0 * r * dot(r, z) + 2.0 * q * dot(u, z))
+  # lambda * R z equals e only up to a few roundings; the patch makes it one.
+  return rotated + sg(e - rotated)
 
 
 def _check_code_dim(z: jax.Array, code_dim: int, name: str) -> None:
@@ -82,75 +176,247 @@ def _check_code_dim(z: jax.Array, code_dim: int, name: str) -> None:
         f'but code_dim is {code_dim}; project the encoder output to code_dim first.')
 
 
-def _finish(z_e: jax.Array, codes: jax.Array, indices: jax.Array, *, num_codes: int,
-            beta: float, learned_codebook: bool,
-            axis_name: Optional[str]) -> QuantizerOutput:
-  """Losses (before the straight-through patch), the patch itself, and usage statistics."""
-  z32 = z_e.astype(jnp.float32)
-  codes32 = codes.astype(jnp.float32)
-  commitment = jnp.mean(jnp.square(z32 - jax.lax.stop_gradient(codes32)))
-  if learned_codebook:
-    codebook_loss = jnp.mean(jnp.square(jax.lax.stop_gradient(z32) - codes32))
-  else:
-    codebook_loss = jnp.zeros((), jnp.float32)
-  quantized = z_e + jax.lax.stop_gradient(codes.astype(z_e.dtype) - z_e)
-  one_hot = jax.nn.one_hot(indices.reshape(-1), num_codes, dtype=jnp.float32)
-  counts = _psum(jnp.sum(one_hot, axis=0), axis_name)
-  return QuantizerOutput(
-      quantized=quantized,
-      indices=indices,
-      codebook_loss=codebook_loss,
-      commitment_loss=commitment,
-      loss=codebook_loss + beta * commitment,
-      perplexity=metrics.perplexity(counts),
-      counts=counts)
+class _NearestCodeQuantizer(nn.Module):
+  """What both nearest-code quantizers share; subclasses declare the fields and variables.
+
+  Subclasses provide `self.codebook` (a flax Variable [K, lookup space dim]) and, when
+  `lookup_dim > 0`, the projections `self.lookup_in` and `self.lookup_out`.
+  """
+
+  # -- Properties of the token space (usable on an unbound module). --
+
+  @property
+  def vocab_size(self) -> int:
+    """Codes per index slot."""
+    return self.num_codes
+
+  @property
+  def index_depth(self) -> int:
+    """Indices per position."""
+    return 1
+
+  @property
+  def bits_per_token(self) -> float:
+    """Bits one position's indices carry: index_depth * log2(vocab_size)."""
+    return self.index_depth * math.log2(self.vocab_size)
+
+  @property
+  def usage_size(self) -> int:
+    """Length of `QuantizerOutput.counts`."""
+    return self.vocab_size * self.index_depth
+
+  @property
+  def space_dim(self) -> int:
+    """Columns of the codebook: lookup_dim when projecting, else code_dim."""
+    return self.lookup_dim if self.lookup_dim > 0 else self.code_dim
+
+  # -- Shared machinery. --
+
+  def _check_options(self) -> None:
+    name = type(self).__name__
+    if self.gradient not in GRADIENTS:
+      raise ValueError(f'{name}: gradient={self.gradient!r} is unknown; choose one of '
+                       f'{GRADIENTS}.')
+    if self.lookup_dim < 0:
+      raise ValueError(f'{name}: lookup_dim={self.lookup_dim} is negative; use 0 for no '
+                       'projection or a positive lookup dimension.')
+    if self.entropy_weight > 0 and self.entropy_temperature <= 0:
+      raise ValueError(f'{name}: entropy_temperature={self.entropy_temperature} must be > 0 '
+                       'when the entropy penalty is on (entropy_weight > 0).')
+    if self.kmeans_iters < 0:
+      raise ValueError(f'{name}: kmeans_iters={self.kmeans_iters} is negative; use 0 for '
+                       'the k-means++ seeding alone.')
+
+  def _make_projections(self) -> None:
+    # Called from setup() only: flax names the submodules after the attributes.
+    if self.lookup_dim > 0:
+      self.lookup_in = nn.Dense(self.lookup_dim, name='lookup_in')
+      self.lookup_out = nn.Dense(self.code_dim, name='lookup_out')
+
+  def _to_lookup_space(self, z_e: jax.Array) -> jax.Array:
+    """Encoder outputs [..., code_dim] -> [M, space_dim] vectors the lookup compares."""
+    _check_code_dim(z_e, self.code_dim, type(self).__name__)
+    x = z_e.reshape(-1, self.code_dim)
+    if self.lookup_dim > 0:
+      x = self.lookup_in(x.astype(jnp.float32))
+    if self.l2_normalize:
+      x = normalize_rows(x)
+    return x
+
+  def _from_lookup_space(self, v: jax.Array) -> jax.Array:
+    return self.lookup_out(v) if self.lookup_dim > 0 else v
+
+  def _lookup_codebook(self) -> jax.Array:
+    codebook = self.codebook.value
+    return normalize_rows(codebook) if self.l2_normalize else codebook
+
+  def _quantize(self, z_e: jax.Array, *, train: bool, learned_codebook: bool
+                ) -> tuple[QuantizerOutput, jax.Array, jax.Array]:
+    """The forward pass; also returns the lookup-space inputs and flat indices."""
+    sg = jax.lax.stop_gradient
+    x = self._to_lookup_space(z_e)
+    codebook = self._lookup_codebook()
+    distances = squared_distances(x, codebook)
+    indices = jnp.argmin(distances, axis=-1).astype(jnp.int32)
+    codes = jnp.take(codebook, indices, axis=0)
+
+    x32, codes32 = x.astype(jnp.float32), codes.astype(jnp.float32)
+    commitment = jnp.mean(jnp.square(x32 - sg(codes32)))
+    if learned_codebook:
+      codebook_loss = jnp.mean(jnp.square(sg(x32) - codes32))
+    else:
+      codebook_loss = jnp.zeros((), jnp.float32)
+    loss = codebook_loss + self.beta * commitment
+    if self.entropy_weight > 0:
+      entropy_loss = entropy_penalty(distances, self.entropy_temperature, self.axis_name)
+      loss = loss + self.entropy_weight * entropy_loss
+    else:
+      entropy_loss = jnp.zeros((), jnp.float32)
+
+    if self.gradient == 'rotation':
+      patched = rotate_to(x, codes)
+    else:
+      patched = x + sg(codes.astype(x.dtype) - x)
+    quantized = self._from_lookup_space(patched).astype(z_e.dtype).reshape(z_e.shape)
+
+    one_hot = jax.nn.one_hot(indices, self.num_codes, dtype=jnp.float32)
+    counts = _psum(jnp.sum(one_hot, axis=0), self.axis_name)
+    if train and not self.is_initializing():
+      # The train step all-gathers these rows for k-means and restarts.
+      self.sow('intermediates', 'lookup_input', sg(x32))
+    out = QuantizerOutput(
+        quantized=quantized,
+        indices=indices.reshape(z_e.shape[:-1]),
+        codebook_loss=codebook_loss,
+        commitment_loss=commitment,
+        loss=loss,
+        perplexity=metrics.perplexity(counts),
+        counts=counts,
+        entropy_loss=entropy_loss)
+    return out, x32, indices
+
+  def _upkeep_codebook(self, z: jax.Array, dead: jax.Array, kmeans_now: jax.Array
+                       ) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """(new codebook, changed rows, vectors each new row stands for); writes nothing."""
+    z = jnp.asarray(z, jnp.float32)
+    if z.ndim != 2 or z.shape[1] != self.space_dim:
+      raise ValueError(
+          f'{type(self).__name__}.maintain: z must be [N, {self.space_dim}] lookup-space '
+          f'rows (the sown lookup_input), got shape {z.shape}; reshape to (-1, '
+          f'{self.space_dim}).')
+    if jnp.shape(dead) != (self.num_codes,):
+      raise ValueError(
+          f'{type(self).__name__}.maintain: dead must be bool [{self.num_codes}], got shape '
+          f'{jnp.shape(dead)}; pass one flag per code.')
+    dead = jnp.asarray(dead, bool)
+    kmeans_now = jnp.asarray(kmeans_now, bool)
+    kmeans_key, restart_key = jax.random.split(self.make_rng('codebook'))
+    current = self.codebook.value
+    num_codes = self.num_codes
+
+    def run_kmeans():
+      return kmeans_lib.kmeans(z, num_codes, kmeans_key, iters=self.kmeans_iters,
+                               spherical=self.l2_normalize)
+
+    def keep():
+      return current.astype(jnp.float32), jnp.ones((num_codes,), jnp.float32)
+
+    # cond, not where: k-means runs once per training, not on every step.
+    codebook, weights = jax.lax.cond(kmeans_now, run_kmeans, keep)
+    # Distinct rows when there are enough, so two restarted codes never coincide.
+    n = z.shape[0]
+    picks = jax.random.choice(restart_key, n, (num_codes,), replace=n < num_codes)
+    codebook = jnp.where(dead[:, None], z[picks], codebook)
+    # An empty k-means cluster still counts as one vector (see the EMA docstring).
+    weights = jnp.where(dead, 1.0, jnp.maximum(weights, 1.0))
+    changed = jnp.logical_or(dead, kmeans_now)
+    codebook = jnp.where(changed[:, None], codebook, current).astype(current.dtype)
+    return codebook, changed, weights
+
+  def lookup(self, indices: jax.Array) -> jax.Array:
+    """Decoder-space codes for integer indices [...] -> [..., code_dim]."""
+    return self._from_lookup_space(jnp.take(self._lookup_codebook(), indices, axis=0))
+
+  def encode_to_indices(self, z_e: jax.Array) -> jax.Array:
+    """Encoder outputs [..., code_dim] -> int32 indices [...], as `__call__` picks them."""
+    x = self._to_lookup_space(z_e)
+    return nearest_codes(x, self._lookup_codebook()).reshape(z_e.shape[:-1])
+
+  def decode_from_indices(self, indices: jax.Array) -> jax.Array:
+    return self.lookup(indices)
 
 
-class VectorQuantizer(nn.Module):
+
+
+class VectorQuantizer(_NearestCodeQuantizer):
   """VQ with a codebook learned by gradient (the `||sg[z_e] - e||^2` term).
+
+  The codebook is `params/codebook`, so `maintain` needs 'params' mutable; the train step
+  resets the optimizer moments of the rows it reports as changed.
 
   Attributes:
     num_codes: codebook size K.
     code_dim: code dimension D; the input's last axis.
     beta: weight of the commitment loss.
     axis_name: if set, usage counts are summed over this pmap axis.
+    lookup_dim: if > 0, learned dense projections code_dim -> lookup_dim before the
+      lookup and back after it (factorised codes, ViT-VQGAN); the codebook has
+      lookup_dim columns and the losses are measured in that space.
+    l2_normalize: l2-normalise the (projected) inputs and the codes, so the nearest
+      code is the one of highest cosine similarity.
+    entropy_weight: weight of the entropy penalty (`entropy_penalty`); 0 skips it.
+    entropy_temperature: its softmax temperature.
+    gradient: 'ste' (straight-through) or 'rotation' (`rotate_to`).
+    kmeans_iters: Lloyd iterations when `maintain` runs k-means.
   """
   num_codes: int
   code_dim: int
   beta: float = 0.25
   axis_name: Optional[str] = None
+  lookup_dim: int = 0
+  l2_normalize: bool = False
+  entropy_weight: float = 0.0
+  entropy_temperature: float = 0.01
+  gradient: str = 'ste'
+  kmeans_iters: int = 10
 
   def setup(self):
-    # Uniform with variance 1/D per entry: codes start on the scale of a unit-variance
-    # encoder output projected to D dims.
-    self.codebook = self.param(
-        'codebook', nn.initializers.variance_scaling(1.0, 'fan_out', 'uniform'),
-        (self.num_codes, self.code_dim), jnp.float32)
+    self._check_options()
+    init = nn.initializers.variance_scaling(1.0, 'fan_out', 'uniform')
+    shape = (self.num_codes, self.space_dim)
+    # Uniform with variance 1/d per entry: codes start on the scale of a unit-variance
+    # encoder output projected to d dims. A Variable (not a bare param array) so that
+    # `maintain` reads and writes the same value.
+    self.codebook = self.variable(
+        'params', 'codebook', lambda: init(self.make_rng('params'), shape, jnp.float32))
+    self._make_projections()
 
   def __call__(self, z_e: jax.Array, *, train: bool = False) -> QuantizerOutput:
-    del train  # the codebook changes only through the optimizer
-    _check_code_dim(z_e, self.code_dim, type(self).__name__)
-    flat = z_e.reshape(-1, self.code_dim)
-    indices = nearest_codes(flat, jax.lax.stop_gradient(self.codebook))
-    codes = jnp.take(self.codebook, indices, axis=0)
-    return _finish(z_e, codes.reshape(z_e.shape), indices.reshape(z_e.shape[:-1]),
-                   num_codes=self.num_codes, beta=self.beta, learned_codebook=True,
-                   axis_name=self.axis_name)
+    out, _, _ = self._quantize(z_e, train=train, learned_codebook=True)
+    return out
 
-  def lookup(self, indices: jax.Array) -> jax.Array:
-    """Codes for integer indices [...] -> [..., D]."""
-    return jnp.take(self.codebook, indices, axis=0)
+  def maintain(self, z: jax.Array, dead: jax.Array, kmeans_now: jax.Array) -> jax.Array:
+    """k-means initialisation and dead-code restarts of `params/codebook`.
 
-  def encode_to_indices(self, z_e: jax.Array) -> jax.Array:
-    _check_code_dim(z_e, self.code_dim, type(self).__name__)
-    flat = z_e.reshape(-1, self.code_dim)
-    return nearest_codes(flat, self.codebook).reshape(z_e.shape[:-1])
+    If `kmeans_now`, the codebook becomes k-means of z (spherical with l2_normalize);
+    then each dead row becomes a row of z drawn uniformly at random (distinct rows when
+    z has at least K of them). Randomness comes from the 'codebook' rng: the same key
+    and z on every device give the same codebook everywhere.
 
-  def decode_from_indices(self, indices: jax.Array) -> jax.Array:
-    return self.lookup(indices)
+    Args:
+      z: float32 [N, space_dim] lookup-space vectors (the sown `lookup_input`).
+      dead: bool [K], codes to restart.
+      kmeans_now: bool scalar (may be traced).
+
+    Returns:
+      bool [K]: rows that changed (every row when k-means ran).
+    """
+    codebook, changed, _ = self._upkeep_codebook(z, dead, kmeans_now)
+    self.codebook.value = codebook
+    return changed
 
 
-class EMAVectorQuantizer(nn.Module):
+class EMAVectorQuantizer(_NearestCodeQuantizer):
   """VQ whose codebook is an exponential moving average of assigned encoder outputs.
 
   The statistics live in the `vq_stats` collection and change only when called with
@@ -163,7 +429,17 @@ class EMAVectorQuantizer(nn.Module):
     codebook = avg_sums / smoothed
 
   With an axis name, n_t and s_t are summed over that axis first, so every device
-  holds the same codebook.
+  holds the same codebook. With `l2_normalize` the sums are of normalised vectors and the
+  codebook is normalised after the division.
+
+  `maintain` writes a new code c_k into row k and sets ema_counts_k = w_k * (1 - decay^t)
+  and ema_sums_k = c_k * ema_counts_k (t = ema_steps), so after zero-debiasing the row
+  holds w_k vectors averaging exactly c_k, and the next update blends this step's
+  vectors into it as if they had followed w_k earlier assignments. w_k = 1 for a
+  restarted code (one encoder output); for k-means, the number of points in the
+  cluster (at least 1, so an empty cluster's code is not pulled to zero by its zero
+  sums). At t = 0 (before any update) the weight is 0: the zero-debiasing then ignores
+  the reset statistics, as it ignores the zero initial ones.
 
   Attributes:
     num_codes: codebook size K.
@@ -172,6 +448,15 @@ class EMAVectorQuantizer(nn.Module):
     decay: EMA decay.
     epsilon: Laplace smoothing constant.
     axis_name: pmap axis to sum statistics over, or None outside pmap.
+    lookup_dim: if > 0, learned dense projections code_dim -> lookup_dim before the
+      lookup and back after it (factorised codes, ViT-VQGAN); the codebook has
+      lookup_dim columns and the losses are measured in that space.
+    l2_normalize: l2-normalise the (projected) inputs and the codes, so the nearest
+      code is the one of highest cosine similarity.
+    entropy_weight: weight of the entropy penalty (`entropy_penalty`); 0 skips it.
+    entropy_temperature: its softmax temperature.
+    gradient: 'ste' (straight-through) or 'rotation' (`rotate_to`).
+    kmeans_iters: Lloyd iterations when `maintain` runs k-means.
   """
   num_codes: int
   code_dim: int
@@ -179,31 +464,39 @@ class EMAVectorQuantizer(nn.Module):
   decay: float = 0.99
   epsilon: float = 1e-5
   axis_name: Optional[str] = None
+  lookup_dim: int = 0
+  l2_normalize: bool = False
+  entropy_weight: float = 0.0
+  entropy_temperature: float = 0.01
+  gradient: str = 'ste'
+  kmeans_iters: int = 10
 
   def setup(self):
-    shape = (self.num_codes, self.code_dim)
+    self._check_options()
+    shape = (self.num_codes, self.space_dim)
     init = nn.initializers.variance_scaling(1.0, 'fan_out', 'uniform')
-    self.codebook = self.variable(
-        STATS, 'codebook', lambda: init(self.make_rng('params'), shape, jnp.float32))
+
+    def init_codebook():
+      codebook = init(self.make_rng('params'), shape, jnp.float32)
+      return normalize_rows(codebook) if self.l2_normalize else codebook
+
+    self.codebook = self.variable(STATS, 'codebook', init_codebook)
     self.ema_counts = self.variable(
         STATS, 'ema_counts', lambda: jnp.zeros((self.num_codes,), jnp.float32))
     self.ema_sums = self.variable(STATS, 'ema_sums', lambda: jnp.zeros(shape, jnp.float32))
     self.ema_steps = self.variable(STATS, 'ema_steps', lambda: jnp.zeros((), jnp.int32))
+    self._make_projections()
 
   def __call__(self, z_e: jax.Array, *, train: bool = False) -> QuantizerOutput:
-    _check_code_dim(z_e, self.code_dim, type(self).__name__)
-    flat = z_e.reshape(-1, self.code_dim)
-    codebook = self.codebook.value
-    indices = nearest_codes(flat, codebook)
-    codes = jnp.take(codebook, indices, axis=0).reshape(z_e.shape)
-    out = _finish(z_e, codes, indices.reshape(z_e.shape[:-1]), num_codes=self.num_codes,
-                  beta=self.beta, learned_codebook=False, axis_name=self.axis_name)
+    out, x, indices = self._quantize(z_e, train=train, learned_codebook=False)
     if train and not self.is_initializing():
       one_hot = jax.nn.one_hot(indices, self.num_codes, dtype=jnp.float32)
-      sums = _psum(one_hot.T @ jax.lax.stop_gradient(flat).astype(jnp.float32),
-                   self.axis_name)
+      sums = _psum(one_hot.T @ jax.lax.stop_gradient(x), self.axis_name)
       self._ema_update(out.counts, sums)
     return out
+
+  def _debias(self, steps: jax.Array) -> jax.Array:
+    return 1.0 - jnp.power(jnp.float32(self.decay), steps.astype(jnp.float32))
 
   def _ema_update(self, counts: jax.Array, sums: jax.Array) -> None:
     d = self.decay
@@ -211,24 +504,38 @@ class EMAVectorQuantizer(nn.Module):
     self.ema_steps.value = steps
     self.ema_counts.value = d * self.ema_counts.value + (1.0 - d) * counts
     self.ema_sums.value = d * self.ema_sums.value + (1.0 - d) * sums
-    debias = 1.0 - jnp.power(jnp.float32(d), steps.astype(jnp.float32))
+    debias = self._debias(steps)
     avg_counts = self.ema_counts.value / debias
     avg_sums = self.ema_sums.value / debias
     total = jnp.sum(avg_counts)
     smoothed = (avg_counts + self.epsilon) / (total + self.num_codes * self.epsilon) * total
-    self.codebook.value = avg_sums / smoothed[:, None]
+    codebook = avg_sums / smoothed[:, None]
+    self.codebook.value = normalize_rows(codebook) if self.l2_normalize else codebook
 
-  def lookup(self, indices: jax.Array) -> jax.Array:
-    """Codes for integer indices [...] -> [..., D]."""
-    return jnp.take(self.codebook.value, indices, axis=0)
+  def maintain(self, z: jax.Array, dead: jax.Array, kmeans_now: jax.Array) -> jax.Array:
+    """k-means initialisation and dead-code restarts, with their EMA statistics reset.
 
-  def encode_to_indices(self, z_e: jax.Array) -> jax.Array:
-    _check_code_dim(z_e, self.code_dim, type(self).__name__)
-    flat = z_e.reshape(-1, self.code_dim)
-    return nearest_codes(flat, self.codebook.value).reshape(z_e.shape[:-1])
+    If `kmeans_now`, the codebook becomes k-means of z (spherical with l2_normalize);
+    then each dead row becomes a row of z drawn uniformly at random (distinct rows when
+    z has at least K of them). The statistics of every replaced row are reset as the
+    class docstring says. Call it after the step's EMA update (in its own apply with
+    'vq_stats' mutable) so that update cannot overwrite the reset.
 
-  def decode_from_indices(self, indices: jax.Array) -> jax.Array:
-    return self.lookup(indices)
+    Args:
+      z: float32 [N, space_dim] lookup-space vectors (the sown `lookup_input`).
+      dead: bool [K], codes to restart.
+      kmeans_now: bool scalar (may be traced).
+
+    Returns:
+      bool [K]: rows that changed (every row when k-means ran).
+    """
+    codebook, changed, weights = self._upkeep_codebook(z, dead, kmeans_now)
+    reset_counts = weights * self._debias(self.ema_steps.value)
+    self.codebook.value = codebook
+    self.ema_counts.value = jnp.where(changed, reset_counts, self.ema_counts.value)
+    self.ema_sums.value = jnp.where(changed[:, None], codebook * reset_counts[:, None],
+                                    self.ema_sums.value)
+    return changed
 
 
 QUANTIZERS = {'vq': VectorQuantizer, 'ema': EMAVectorQuantizer}

@@ -21,6 +21,7 @@ import ml_collections
 import optax
 
 from vq import builders
+from vq import codebook_usage
 
 PyTree = Any
 
@@ -38,6 +39,8 @@ class TrainState:
     disc_opt_state: discriminator optimizer state ({} for VQ-VAE).
     ema_params: EMA of `params` ({} when `train.ema_decay` is 0).
     gan_stats: running statistics of the GAN losses (LeCAM anchors).
+    code_usage: per-code usage tracking (`vq.codebook_usage`): the step each code was last
+      chosen and an EMA of usage frequencies; drives restarts and the usage metrics.
     frozen: pretrained, never-trained weights used by the loss ({'lpips': ...} or {}).
     tx, disc_tx: optax transforms (static).
   """
@@ -49,6 +52,7 @@ class TrainState:
   disc_opt_state: PyTree
   ema_params: PyTree
   gan_stats: PyTree
+  code_usage: PyTree
   frozen: PyTree
   tx: optax.GradientTransformation = flax.struct.field(pytree_node=False)
   disc_tx: optax.GradientTransformation | None = flax.struct.field(pytree_node=False)
@@ -101,7 +105,9 @@ def create_train_state(config: ml_collections.ConfigDict, rng: jax.Array,
   return TrainState(step=jnp.zeros((), jnp.int32), params=params, vq_stats=vq_stats,
                     opt_state=jax.jit(tx.init)(params), disc_params=disc_params,
                     disc_opt_state=disc_opt_state, ema_params=ema_params,
-                    gan_stats=gan_stats, frozen=frozen, tx=tx, disc_tx=disc_tx)
+                    gan_stats=gan_stats,
+                    code_usage=codebook_usage.init(model.quantizer.usage_size),
+                    frozen=frozen, tx=tx, disc_tx=disc_tx)
 
 
 def checkpointable(state: TrainState) -> dict:

@@ -28,6 +28,7 @@ import ml_collections
 import optax
 
 from vq import builders
+from vq import codebook_usage
 from vq import train_state as ts
 
 AXIS = 'batch'
@@ -54,7 +55,11 @@ class StepSettings:
   lecam_decay: float
   r1_weight: float
   ema_decay: float
-  num_codes: int
+  usage_size: int
+  usage_window: int
+  maintain: bool
+  kmeans_init: bool
+  restart_after: int
   lr_schedule: Any
 
   @classmethod
@@ -64,9 +69,10 @@ class StepSettings:
     if ts.uses_lpips(config):
       from vq import lpips  # pylint: disable=g-import-not-at-top
       lpips_module = lpips.LPIPS()
-    l = config.loss
+    l, q = config.loss, config.quantizer
+    model = builders.build_tokenizer(config, axis_name=AXIS)
     return cls(
-        model=builders.build_tokenizer(config, axis_name=AXIS),
+        model=model,
         output_layer=builders.decoder_output_layer(config) if gan else None,
         discriminator=builders.build_discriminator_from_config(config) if gan else None,
         lpips=lpips_module, objective=config.objective, recon=l.recon,
@@ -74,7 +80,9 @@ class StepSettings:
         disc_weight=l.disc_weight, adaptive_weight=l.adaptive_weight, gan_loss=l.gan_loss,
         disc_start=l.disc_start, disc_warmup=l.disc_warmup, lecam_weight=l.lecam_weight,
         lecam_decay=l.lecam_decay, r1_weight=l.r1_weight, ema_decay=config.train.ema_decay,
-        num_codes=config.quantizer.num_codes,
+        usage_size=model.quantizer.usage_size, usage_window=q.usage_window,
+        maintain=builders.maintains_codebook(q), kmeans_init=q.init == 'kmeans',
+        restart_after=q.restart_after,
         lr_schedule=builders.learning_rate_schedule(config.train.learning_rate, config.train))
 
 
@@ -83,16 +91,76 @@ def step_rng(rng: jax.Array, step: jax.Array) -> jax.Array:
   return jax.random.fold_in(jax.random.fold_in(rng, step), jax.lax.axis_index(AXIS))
 
 
+def shared_step_rng(rng: jax.Array, step: jax.Array) -> jax.Array:
+  """Per-step key equal on every device (codebook upkeep must agree everywhere)."""
+  return jax.random.fold_in(jax.random.fold_in(rng, step), 0x7FFFFFFF)
+
+
 def _reconstruction(s: StepSettings, recon: jax.Array, images: jax.Array) -> jax.Array:
   from vq import losses  # pylint: disable=g-import-not-at-top
   return jnp.mean(losses.reconstruction_loss(recon, images, kind=s.recon))
 
 
-def _codebook_metrics(s: StepSettings, q) -> Metrics:
-  used = jnp.sum(q.counts > 0)
+def _codebook_metrics(s: StepSettings, q, usage) -> Metrics:
+  """Batch statistics plus the upkeep's sliding-window usage (independent of batch size)."""
+  batch_used = jnp.sum(q.counts > 0)
   return {'codebook_loss': q.codebook_loss, 'commitment_loss': q.commitment_loss,
-          'perplexity': q.perplexity, 'codebook_usage': used / s.num_codes,
-          'dead_codes': (s.num_codes - used).astype(jnp.float32)}
+          'entropy_loss': q.entropy_loss, 'perplexity': q.perplexity,
+          'batch_usage': batch_used / s.usage_size, **usage}
+
+
+# Rows of encoder outputs each device contributes to codebook upkeep (k-means, restarts).
+UPKEEP_ROWS_PER_DEVICE = 4096
+
+
+def _codebook_upkeep(s: StepSettings, state: ts.TrainState, q, mutated: dict,
+                     rng: jax.Array) -> tuple[ts.TrainState, Metrics]:
+  """Usage tracking, then k-means initialisation and dead-code restarts.
+
+  Runs after the optimizer and EMA updates of this step, so that codes replaced here keep
+  their reset statistics. Every device gathers the same rows and uses the same key, so all
+  codebooks stay identical.
+  """
+  done = state.step + 1
+  usage = codebook_usage.update(state.code_usage, q.counts, done)
+  restarted = jnp.zeros((), jnp.float32)
+  if s.maintain:
+    z = mutated['intermediates']['quantizer']['lookup_input'][0]
+    z = z.reshape(-1, z.shape[-1])
+    if z.shape[0] > UPKEEP_ROWS_PER_DEVICE:
+      pick = jax.random.choice(jax.random.fold_in(step_rng(rng, state.step), 1), z.shape[0],
+                               (UPKEEP_ROWS_PER_DEVICE,), replace=False)
+      z = z[pick]
+    z = jax.lax.all_gather(z, AXIS, tiled=True)
+    if s.restart_after > 0:
+      dead = codebook_usage.dead_mask(usage, done, s.restart_after)
+    else:
+      dead = jnp.zeros((s.usage_size,), bool)
+    kmeans_now = jnp.logical_and(s.kmeans_init, state.step == 0)
+    changed, variables = s.model.apply(
+        {'params': state.params, 'vq_stats': state.vq_stats}, z, dead, kmeans_now,
+        method=lambda m, *a: m.quantizer.maintain(*a), mutable=['params', 'vq_stats'],
+        rngs={'codebook': shared_step_rng(rng, state.step)})
+    params = variables['params']
+    # Adam moments of rewritten rows of a gradient-learned codebook start again from zero.
+    opt_state = state.opt_state
+    if 'codebook' in state.params.get('quantizer', {}):
+      mask = jax.tree.map(lambda x: jnp.zeros((), bool), state.params)
+      mask['quantizer']['codebook'] = changed[:, None]
+      opt_state = optax.tree_utils.tree_map_params(
+          state.tx, lambda x, m: jnp.where(m, jnp.zeros_like(x), x), opt_state, mask,
+          transform_non_params=lambda x: x)
+    state = state.replace(params=params, vq_stats=variables.get('vq_stats', state.vq_stats),
+                          opt_state=opt_state)
+    usage = codebook_usage.mark_restarted(usage, changed, done)
+    restarted = jnp.sum(changed).astype(jnp.float32)
+  idle_limit = s.restart_after if s.restart_after > 0 else s.usage_window
+  metrics = {
+      'codebook_usage': codebook_usage.window_usage(usage, done, s.usage_window),
+      'dead_codes': jnp.sum(codebook_usage.idle_steps(usage, done) >= idle_limit
+                            ).astype(jnp.float32),
+      'restarted_codes': restarted}
+  return state.replace(code_usage=usage), metrics
 
 
 def _apply_generator_update(s: StepSettings, state: ts.TrainState, grads, new_vq_stats
@@ -115,19 +183,20 @@ def vqvae_step(state: ts.TrainState, batch: dict, rng: jax.Array, *, settings: S
   """Reconstruction + codebook + commitment loss; one Adam step."""
   s = settings
   images = batch['image']
-  rng = step_rng(rng, state.step)
+  base_rng, rng = rng, step_rng(rng, state.step)
 
   def loss_fn(params):
     (recon, q), mutated = s.model.apply(
         {'params': params, 'vq_stats': state.vq_stats}, images, train=True,
-        mutable=['vq_stats'], rngs={'quantizer': rng})
+        mutable=['vq_stats', 'intermediates'], rngs={'quantizer': rng})
     rec = _reconstruction(s, recon, images)
     loss = s.recon_weight * rec + q.loss
-    return loss, (rec, q, mutated.get('vq_stats', {}))
+    return loss, (rec, q, mutated)
 
-  (loss, (rec, q, vq_stats)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
-  new_state, norms = _apply_generator_update(s, state, grads, vq_stats)
-  metrics = {'loss': loss, 'recon_loss': rec, **_codebook_metrics(s, q), **norms,
+  (loss, (rec, q, mutated)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
+  new_state, norms = _apply_generator_update(s, state, grads, mutated.get('vq_stats', {}))
+  new_state, usage = _codebook_upkeep(s, new_state, q, mutated, base_rng)
+  metrics = {'loss': loss, 'recon_loss': rec, **_codebook_metrics(s, q, usage), **norms,
              'learning_rate': s.lr_schedule(state.step)}
   metrics = jax.lax.pmean(metrics, AXIS)
   return new_state.replace(step=state.step + 1), metrics
@@ -140,7 +209,7 @@ def vqgan_step(state: ts.TrainState, batch: dict, rng: jax.Array, *, settings: S
   s = settings
   images = batch['image']
   step = state.step
-  rng = step_rng(rng, step)
+  base_rng, rng = rng, step_rng(rng, step)
 
   def generator(params):
     (recon, q), mutated = s.model.apply(
@@ -185,6 +254,7 @@ def vqgan_step(state: ts.TrainState, batch: dict, rng: jax.Array, *, settings: S
 
   grads, = gen_vjp((g_rec + adv_scale * g_adv, jnp.ones_like(q_loss)))
   new_state, norms = _apply_generator_update(s, state, grads, mutated.get('vq_stats', {}))
+  new_state, usage = _codebook_upkeep(s, new_state, q, mutated, base_rng)
 
   # Discriminator: hinge / non-saturating loss on detached fakes, LeCAM, R1.
   ema_real, ema_fake = state.gan_stats['ema_real_logit'], state.gan_stats['ema_fake_logit']
@@ -224,7 +294,7 @@ def vqgan_step(state: ts.TrainState, batch: dict, rng: jax.Array, *, settings: S
       'perceptual_loss': perc, 'g_loss': g_adv_loss, 'd_loss': d_loss, 'd_weight': adv_scale,
       'r1_penalty': r1, 'logits_real': jnp.mean(real_logits),
       'logits_fake': jnp.mean(fake_logits), 'disc_active': disc_on.astype(jnp.float32),
-      'd_grad_norm': optax.global_norm(d_grads), **_codebook_metrics(s, q), **norms,
+      'd_grad_norm': optax.global_norm(d_grads), **_codebook_metrics(s, q, usage), **norms,
       'learning_rate': s.lr_schedule(step)}
   return new_state, jax.lax.pmean(metrics, AXIS)
 

@@ -29,6 +29,7 @@ import numpy as np
 
 from vq import builders
 from vq import checkpointing
+from vq import codebook_usage
 from vq import config_validation
 from vq import data
 from vq import images as vq_images
@@ -100,11 +101,6 @@ class Reconstructor:
     return np.asarray(self._fn(params, vq_stats, images))
 
 
-def save_grid(path: pathlib.Path, originals: np.ndarray, recons: np.ndarray) -> None:
-  grid = vq_images.make_grid([originals, recons], max_columns=8)
-  vq_images.save_png(path, grid)
-
-
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
                        reinit_unusable_checkpoints: bool = False) -> dict[str, float]:
   """Trains `config` in `workdir` (resuming if checkpoints exist); returns last metrics.
@@ -156,10 +152,11 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
                'resumed' if start_step else 'fresh')
 
   settings = steps.StepSettings.from_config(config)
-  p_step = parallel.pmap_train_step(functools.partial(steps.train_step, settings=settings))
+  par = parallel.get(config.train.parallel)  # 'pmap' or 'jit': the same step either way
+  p_step = par.step(functools.partial(steps.train_step, settings=settings))
   rng = jax.random.fold_in(jax.random.PRNGKey(config.seed), 1)
-  p_rng = parallel.replicate(rng)
-  p_state = parallel.replicate(state)
+  p_rng = par.replicate(rng)
+  p_state = par.replicate(state)
   del state
 
   grid_originals = np.stack([eval_source[i]['image'] for i in
@@ -188,7 +185,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
     nonlocal window, window_steps, window_start, window_first_step, last
     if not window:
       return
-    host = jax.device_get([parallel.unreplicate(m) for m in window])
+    host = jax.device_get([par.unreplicate(m) for m in window])
     elapsed = time.perf_counter() - window_start
     bad = [k for k in ('loss', 'grad_norm') if not all(np.isfinite(m[k]) for m in host)]
     if bad:
@@ -210,7 +207,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
   try:
     with preemption:
       for step in range(start_step, num_steps):
-        batch = parallel.shard(next(batches))
+        batch = par.shard(next(batches))
         p_state, metrics = p_step(p_state, batch, p_rng)
         window.append(metrics)
         done = step + 1
@@ -229,12 +226,17 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
           flush_window(done)  # raises before a non-finite state can be saved
         if config.train.image_every and (done % config.train.image_every == 0
                                          or done == num_steps):
-          host_state = parallel.to_host(p_state)
+          host_state = par.to_host(p_state)
           recons = reconstruct(ts.eval_params(host_state), host_state.vq_stats, grid_originals)
           if is_main:
-            save_grid(workdir / 'images' / f'step_{done:07d}.png', grid_originals, recons)
+            grid = vq_images.make_grid([grid_originals, recons], max_columns=8)
+            vq_images.save_png(workdir / 'images' / f'step_{done:07d}.png', grid)
+            usage_image = codebook_usage.histogram_image(
+                np.asarray(host_state.code_usage['counts_ema']))
+            writer.write_images(done, {'reconstructions': grid[None],
+                                       'codebook_usage': usage_image[None]})
         if save_now:
-          ckpt.save(done, parallel.to_host(p_state), meta, force=stopping)
+          ckpt.save(done, par.to_host(p_state), meta, force=stopping)
         if stopping:
           ckpt.wait()
           message = (f'vq: received {preemption.requested}; saved checkpoint at step {done} '
