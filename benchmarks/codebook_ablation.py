@@ -110,12 +110,12 @@ def markdown(rows: list[dict]) -> str:
   lines = ['| variant | PSNR (dB) | SSIM | usage (test) | perplexity (test) | usage (train window)'
            ' | bits/image | train s |', '|---|---|---|---|---|---|---|---|']
   for r in rows:
-    window = r['train_window_usage']
+    window = '-' if r['train_window_usage'] is None else f"{100 * r['train_window_usage']:.1f}%"
+    seconds = '-' if r['train_seconds'] is None else f"{r['train_seconds']:.0f}"
     lines.append(
         f"| {r['variant']}: {r['description']} | {r['psnr']:.2f} | {r['ssim']:.3f} | "
-        f"{100 * r['test_usage']:.1f}% | {r['test_perplexity']:.0f} | "
-        f"{'-' if window is None else f'{100 * window:.1f}%'} | {r['bits_per_image']:.0f} | "
-        f"{'-' if r['train_seconds'] is None else f'{r['train_seconds']:.0f}'} |")
+        f"{100 * r['test_usage']:.1f}% | {r['test_perplexity']:.0f} | {window} | "
+        f"{r['bits_per_image']:.0f} | {seconds} |")
   return '\n'.join(lines)
 
 

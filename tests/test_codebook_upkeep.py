@@ -116,9 +116,10 @@ def test_restart_replaces_exactly_the_dead_codes_with_batch_encodings():
   stats = parallel.to_host(with_restarts).vq_stats['quantizer']
   assert not np.allclose(np.asarray(stats['ema_sums'])[~chosen],
                          np.asarray(ref['ema_sums'])[~chosen])
-  # Their idle counters start again: the window usage counts them as just refreshed.
+  # Their idle counters start again, but they do not count as used.
   usage = parallel.to_host(with_restarts).code_usage
-  np.testing.assert_array_equal(np.asarray(usage['last_used']), np.ones(len(codebook)))
+  np.testing.assert_array_equal(np.asarray(usage['last_refreshed']), (~chosen).astype(int))
+  np.testing.assert_array_equal(np.asarray(usage['last_used']), chosen.astype(int))
 
 
 def test_restart_resets_adam_moments_of_replaced_rows_only():

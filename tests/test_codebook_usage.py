@@ -20,7 +20,8 @@ def _tracker(last_used, counts_ema=None):
   last_used = jnp.asarray(last_used, jnp.int32)
   if counts_ema is None:
     counts_ema = jnp.zeros(last_used.shape, jnp.float32)
-  return {'last_used': last_used, 'counts_ema': jnp.asarray(counts_ema, jnp.float32)}
+  return {'last_used': last_used, 'last_refreshed': jnp.zeros_like(last_used),
+          'counts_ema': jnp.asarray(counts_ema, jnp.float32)}
 
 
 def test_init():
@@ -101,8 +102,11 @@ def test_mark_restarted():
   usage = _tracker([0, 1, 5, 9, 10], [0.0, 0.1, 0.2, 0.3, 0.4])
   dead = cu.dead_mask(usage, 10, 5)
   new = cu.mark_restarted(usage, dead, jnp.int32(10))
-  np.testing.assert_array_equal(new['last_used'], [10, 10, 10, 9, 10])
+  # Restarted, not used: last_used is unchanged, so window usage does not count them.
+  np.testing.assert_array_equal(new['last_used'], usage['last_used'])
+  np.testing.assert_array_equal(new['last_refreshed'], [10, 10, 10, 0, 0])
   np.testing.assert_array_equal(new['counts_ema'], usage['counts_ema'])
+  assert cu.window_usage(new, 10, 5) == cu.window_usage(usage, 10, 5)
   assert not np.any(cu.dead_mask(new, 10, 5))
   # ...and a restarted code that stays unused is dead again restart_after steps later.
   np.testing.assert_array_equal(cu.dead_mask(new, 15, 5), [True, True, True, True, True])

@@ -103,15 +103,18 @@ def test_two_processes_equal_each_other_and_one_process(tmp_path):
                 if p.name.isdigit()) == [3, 4]
 
 
-_LAUNCHER_VARS = ('JAX_COORDINATOR_ADDRESS', 'SLURM_JOB_ID', 'SLURM_PROCID', 'SLURM_NTASKS',
-                  'SLURM_STEP_NUM_TASKS', 'OMPI_COMM_WORLD_SIZE', 'TPU_WORKER_HOSTNAMES')
+_SRUN = {'SLURM_JOB_ID': '7', 'SLURM_STEP_NODELIST': 'n[1-2]', 'SLURM_PROCID': '0',
+         'SLURM_LOCALID': '0'}
+_LAUNCHER_VARS = ('JAX_COORDINATOR_ADDRESS', *_SRUN, 'SLURM_NTASKS', 'OMPI_COMM_WORLD_SIZE',
+                  'TPU_WORKER_HOSTNAMES')
 
 
 @pytest.mark.parametrize('env, expected', [
     ({}, None),
     ({'JAX_COORDINATOR_ADDRESS': '10.0.0.1:1234'}, 'JAX_COORDINATOR_ADDRESS'),
-    ({'SLURM_JOB_ID': '7', 'SLURM_PROCID': '0', 'SLURM_NTASKS': '4'}, 'slurm'),
-    ({'SLURM_JOB_ID': '7', 'SLURM_PROCID': '0', 'SLURM_NTASKS': '1'}, None),  # one task
+    ({**_SRUN, 'SLURM_NTASKS': '4'}, 'slurm'),
+    ({**_SRUN, 'SLURM_NTASKS': '1'}, None),  # one task
+    ({'SLURM_JOB_ID': '7', 'SLURM_PROCID': '0', 'SLURM_NTASKS': '4'}, None),  # sbatch, no srun
     ({'OMPI_COMM_WORLD_SIZE': '2'}, 'openmpi'),
     ({'OMPI_COMM_WORLD_SIZE': '1'}, None),
     ({'TPU_WORKER_HOSTNAMES': 'w0,w1'}, 'tpu'),

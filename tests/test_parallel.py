@@ -92,6 +92,22 @@ def test_jit_layout_replicated_state_split_batch():
                                   np.arange(i * 10, i * 10 + 10).reshape(2, 5))
 
 
+def test_eval_step_psum_and_gather_match_numpy():
+  n = jax.local_device_count()
+
+  def eval_fn(scale, batch):
+    x = batch['x'] * scale
+    return jax.lax.psum(x.sum(), 'batch'), jax.lax.all_gather(x, 'batch', tiled=True)
+
+  host = np.arange(n * 3, dtype=np.float32).reshape(n, 3)
+  for kind in parallel.KINDS:
+    par = parallel.get(kind)
+    total, rows = jax.device_get(par.unreplicate(
+        par.eval_step(eval_fn)(par.replicate(np.float32(2.0)), par.shard({'x': host}))))
+    np.testing.assert_allclose(total, 2.0 * host.sum(), err_msg=kind)
+    np.testing.assert_array_equal(rows, 2.0 * host.reshape(-1), err_msg=kind)
+
+
 def test_get_rejects_unknown_kind():
   with pytest.raises(ValueError, match="train.parallel='pjit'"):
     parallel.get('pjit')

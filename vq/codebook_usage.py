@@ -10,6 +10,7 @@ Usage sketch::
   used = codebook_usage.window_usage(usage, step + 1, window=1000)    # fraction in [0, 1]
   dead = codebook_usage.dead_mask(usage, step + 1, restart_after=500)  # bool [V]
   usage = codebook_usage.mark_restarted(usage, dead, step + 1)         # after re-seeding
+  # dead_mask counts idle steps from the later of last use and last restart.
   # on the host, for TensorBoard:
   image = codebook_usage.histogram_image(np.asarray(usage['counts_ema']))  # uint8 [H, W, 3]
 
@@ -49,7 +50,8 @@ def init(size: int) -> Usage:
     size: V, the usage vocabulary (`quantizer.usage_size`).
 
   Returns:
-    {'last_used': int32 zeros [V], 'counts_ema': float32 zeros [V]}.
+    {'last_used': int32 zeros [V], 'last_refreshed': int32 zeros [V] (the step a restart or
+    k-means last rewrote the code), 'counts_ema': float32 zeros [V]}.
 
   Raises:
     ValueError: if `size` is not a positive int.
@@ -58,6 +60,7 @@ def init(size: int) -> Usage:
     raise ValueError(f'codebook_usage.init: size must be a positive int, got {size!r}; '
                      'pass quantizer.usage_size.')
   return {'last_used': jnp.zeros((size,), jnp.int32),
+          'last_refreshed': jnp.zeros((size,), jnp.int32),
           'counts_ema': jnp.zeros((size,), jnp.float32)}
 
 
@@ -93,6 +96,7 @@ def update(usage: Usage, counts: jax.Array, steps_done: jax.Array, *,
   total = jnp.sum(counts)
   freq = counts / jnp.where(total > 0, total, 1.0)
   return {
+      **usage,
       'last_used': jnp.where(counts > 0, steps_done, last_used),
       'counts_ema': decay * usage['counts_ema'] + (1.0 - decay) * freq,
   }
@@ -130,7 +134,9 @@ def window_usage(usage: Usage, steps_done: jax.Array, window: int) -> jax.Array:
 def dead_mask(usage: Usage, steps_done: jax.Array, restart_after: int) -> jax.Array:
   """bool [V]: codes idle for at least `restart_after` steps (candidates for a restart).
 
-  A code never chosen becomes dead once `steps_done >= restart_after`.
+  Idle counts from the later of the code's last use and its last restart
+  (`mark_restarted`), so a fresh code gets `restart_after` steps to be chosen. A code
+  never chosen nor restarted becomes dead once `steps_done >= restart_after`.
 
   Raises:
     ValueError: if `restart_after` is a Python int below 1 (every code would be dead).
@@ -139,13 +145,18 @@ def dead_mask(usage: Usage, steps_done: jax.Array, restart_after: int) -> jax.Ar
     raise ValueError(
         f'codebook_usage.dead_mask: restart_after must be >= 1 step, got {restart_after}; '
         'every code would count as dead.')
-  return idle_steps(usage, steps_done) >= restart_after
+  since = jnp.maximum(usage['last_used'], usage['last_refreshed'])
+  return jnp.asarray(steps_done, jnp.int32) - since >= restart_after
 
 
 def mark_restarted(usage: Usage, mask: jax.Array, steps_done: jax.Array) -> Usage:
-  """Counts the codes in `mask` as used at `steps_done`, so a fresh restart is not dead."""
+  """Records that the codes in `mask` were rewritten at `steps_done`.
+
+  They are not dead again before `restart_after` more idle steps, but they do not count
+  as *used* (window usage and `last_used` only change when a code is chosen).
+  """
   steps_done = jnp.asarray(steps_done, jnp.int32)
-  return {**usage, 'last_used': jnp.where(mask, steps_done, usage['last_used'])}
+  return {**usage, 'last_refreshed': jnp.where(mask, steps_done, usage['last_refreshed'])}
 
 
 def histogram_image(counts_ema: np.ndarray, *, height: int = 96,

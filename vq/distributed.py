@@ -22,9 +22,9 @@ recommends making it anyway); pass `--num_processes=<hosts>` to `run.py` there, 
 reads the coordinator and this host's id from the TPU metadata. On GPUs it is required.
 
 On CPU, processes exchange collectives through gloo
-(`jax_cpu_collectives_implementation`, JAX's default since 0.5; set here explicitly
-unless the user chose another, e.g. 'mpi', because without it CPU processes could not
-run a single cross-process `psum`).
+(`jax_cpu_collectives_implementation`: the default of the pinned JAX 0.10, set here
+before initializing unless another one, e.g. 'mpi', was chosen, because with none CPU
+processes cannot run a single cross-process `psum`).
 """
 
 from __future__ import annotations
@@ -39,15 +39,16 @@ def launcher_in_env() -> str | None:
   """The multi-process launcher the environment shows, or None for a single process.
 
   Only cheap environment-variable checks (no network): JAX's own
-  `JAX_COORDINATOR_ADDRESS`; Slurm with more than one task in the step (`srun`);
-  Open MPI with more than one rank (`mpirun`); a multi-host TPU slice on GKE
-  (`TPU_WORKER_HOSTNAMES`).
+  `JAX_COORDINATOR_ADDRESS`; a Slurm job step (`srun`: the variables JAX's Slurm
+  detection reads, with more than one task; a bare batch script has no
+  SLURM_STEP_NODELIST); Open MPI with more than one rank (`mpirun`); a multi-host TPU
+  slice on GKE (`TPU_WORKER_HOSTNAMES`).
   """
   env = os.environ
   if env.get('JAX_COORDINATOR_ADDRESS'):
     return 'JAX_COORDINATOR_ADDRESS'
-  slurm_tasks = env.get('SLURM_STEP_NUM_TASKS') or env.get('SLURM_NTASKS')
-  if 'SLURM_JOB_ID' in env and 'SLURM_PROCID' in env and _as_int(slurm_tasks) > 1:
+  slurm = ('SLURM_JOB_ID', 'SLURM_STEP_NODELIST', 'SLURM_PROCID', 'SLURM_LOCALID')
+  if all(v in env for v in slurm) and _as_int(env.get('SLURM_NTASKS')) > 1:
     return 'slurm'
   if _as_int(env.get('OMPI_COMM_WORLD_SIZE')) > 1:
     return 'openmpi'
