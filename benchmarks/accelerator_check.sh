@@ -22,7 +22,7 @@
 #   BATCH_256  per-device batch of the 256x256 VQGAN (16: about 40 GB by XLA:CPU's
 #              buffer assignment of the bf16 step, so it leaves room on an 80 GB card)
 #   VQ_CHECK_TINY=1  the configs' :smoke variants, 1 timed step, PARALLEL=jit unless set:
-#              checks the script itself (about 1.5 minutes on 2 busy CPU cores).
+#              checks the script itself (under 2 minutes on 2 busy CPU cores).
 #   OUT        also append the JSON lines to this file
 set -u
 cd "$(dirname "$0")/.."

@@ -1,6 +1,5 @@
 """Codebook upkeep inside the pmapped train step: usage tracking, k-means, restarts, kinds."""
 
-import functools
 
 import chex
 import jax
@@ -13,7 +12,7 @@ from vq import evaluation
 from vq import inference
 from vq import parallel
 from vq import train_state as ts
-from vq import train_step as steps
+from tests import train_util
 
 
 def _smoke(**overrides):
@@ -22,22 +21,7 @@ def _smoke(**overrides):
   return config
 
 
-def _run_steps(config, devices, images_per_step, state=None):
-  """Pmapped steps on `devices`; returns the replicated state and host metrics per step."""
-  if state is None:
-    state = ts.create_train_state(config, ts.init_key(0), (32, 32, 3))
-  settings = steps.StepSettings.from_config(config)
-  p_step = parallel.pmap_train_step(functools.partial(steps.train_step, settings=settings),
-                                    devices=devices)
-  p_state = parallel.replicate(state, devices)
-  p_rng = parallel.replicate(jax.random.PRNGKey(1), devices)
-  n = len(devices)
-  history = []
-  for images in images_per_step:
-    batch = {'image': images.reshape((n, -1) + images.shape[1:])}
-    p_state, m = p_step(p_state, parallel.shard(batch, devices), p_rng)
-    history.append(jax.device_get(parallel.unreplicate(m)))
-  return p_state, history
+_run_steps = train_util.run_steps
 
 
 def _images(n_steps, batch=8, seed=0):

@@ -1,6 +1,5 @@
 """Train step, loop, resume and evaluation tests on tiny configs."""
 
-import functools
 import json
 import pathlib
 
@@ -17,6 +16,7 @@ from vq import parallel
 from vq import train_state as ts
 from vq import train_step as steps
 from vq import trainer
+from tests import train_util
 
 
 def _smoke(**overrides):
@@ -25,21 +25,7 @@ def _smoke(**overrides):
   return config
 
 
-def _run_steps(config, devices, images_per_step):
-  """Runs len(images_per_step) pmapped steps on `devices`; returns host state + metrics."""
-  state = ts.create_train_state(config, ts.init_key(0), (32, 32, 3))
-  settings = steps.StepSettings.from_config(config)
-  p_step = parallel.pmap_train_step(functools.partial(steps.train_step, settings=settings),
-                                    devices=devices)
-  p_state = parallel.replicate(state, devices)
-  p_rng = parallel.replicate(jax.random.PRNGKey(1), devices)
-  n = len(devices)
-  all_metrics = []
-  for images in images_per_step:
-    batch = {'image': images.reshape((n, -1) + images.shape[1:])}
-    p_state, m = p_step(p_state, parallel.shard(batch, devices), p_rng)
-    all_metrics.append(jax.device_get(parallel.unreplicate(m)))
-  return p_state, all_metrics
+_run_steps = train_util.run_steps
 
 
 @pytest.mark.parametrize('kind', ['ema', 'vq'])

@@ -38,6 +38,7 @@ DISCRIMINATORS = ('patchgan', 'stylegan')
 DISC_NORMS = ('group', 'layer', 'none')
 SCHEDULES = ('constant', 'cosine')
 DTYPES = ('float32', 'bfloat16')
+PARALLEL = ('pmap', 'jit')
 
 
 class ConfigError(ValueError):
@@ -83,6 +84,7 @@ def validate(config: ml_collections.ConfigDict, *, num_devices: int,
   _choice(c, 'quantizer.kind', QUANTIZER_KINDS)
   _choice(c, 'loss.recon', RECON_LOSSES)
   _choice(c, 'train.schedule', SCHEDULES)
+  _choice(c, 'train.parallel', PARALLEL)
   _at_least(c, 'quantizer.num_codes', 2)
   _at_least(c, 'quantizer.code_dim', 1)
   _at_least(c, 'quantizer.beta', 0.0)

@@ -100,7 +100,7 @@ def normalize_rows(x: jax.Array) -> jax.Array:
   return x * jax.lax.rsqrt(jnp.maximum(jnp.sum(x * x, axis=-1, keepdims=True), _NORM_EPS ** 2))
 
 
-def _psum(x: jax.Array, axis_name: Optional[str]) -> jax.Array:
+def psum_if(x: jax.Array, axis_name: Optional[str]) -> jax.Array:
   return x if axis_name is None else jax.lax.psum(x, axis_name)
 
 
@@ -126,9 +126,9 @@ def entropy_penalty(distances: jax.Array, temperature: float,
   logits = -distances.astype(jnp.float32) / temperature
   log_p = jax.nn.log_softmax(logits, axis=-1)
   p = jnp.exp(log_p)
-  total = _psum(jnp.asarray(distances.shape[0], jnp.float32), axis_name)
-  per_position = _psum(-jnp.sum(p * log_p), axis_name) / total
-  mean_p = _psum(jnp.sum(p, axis=0), axis_name) / total
+  total = psum_if(jnp.asarray(distances.shape[0], jnp.float32), axis_name)
+  per_position = psum_if(-jnp.sum(p * log_p), axis_name) / total
+  mean_p = psum_if(jnp.sum(p, axis=0), axis_name) / total
   # A code whose probability underflowed to 0 adds 0; the floor keeps its gradient finite.
   batch = -jnp.sum(mean_p * jnp.log(jnp.maximum(mean_p, 1e-30)))
   return per_position - batch
@@ -169,21 +169,19 @@ def rotate_to(z: jax.Array, e: jax.Array) -> jax.Array:
   return rotated + sg(e - rotated)
 
 
-def _check_code_dim(z: jax.Array, code_dim: int, name: str) -> None:
+def check_code_dim(z: jax.Array, code_dim: int, name: str) -> None:
   if z.shape[-1] != code_dim:
     raise ValueError(
         f'{name}: input has {z.shape[-1]} channels in its last axis (shape {z.shape}) '
         f'but code_dim is {code_dim}; project the encoder output to code_dim first.')
 
 
-class _NearestCodeQuantizer(nn.Module):
-  """What both nearest-code quantizers share; subclasses declare the fields and variables.
+class TokenSpace:
+  """Token-space properties every quantizer has (usable on an unbound module).
 
-  Subclasses provide `self.codebook` (a flax Variable [K, lookup space dim]) and, when
-  `lookup_dim > 0`, the projections `self.lookup_in` and `self.lookup_out`.
+  A quantizer defines `vocab_size` (codes per index slot) and, if it emits several
+  indices per position, `index_depth`; the rest follows.
   """
-
-  # -- Properties of the token space (usable on an unbound module). --
 
   @property
   def vocab_size(self) -> int:
@@ -204,6 +202,14 @@ class _NearestCodeQuantizer(nn.Module):
   def usage_size(self) -> int:
     """Length of `QuantizerOutput.counts`."""
     return self.vocab_size * self.index_depth
+
+
+class _NearestCodeQuantizer(TokenSpace, nn.Module):
+  """What both nearest-code quantizers share; subclasses declare the fields and variables.
+
+  Subclasses provide `self.codebook` (a flax Variable [K, lookup space dim]) and, when
+  `lookup_dim > 0`, the projections `self.lookup_in` and `self.lookup_out`.
+  """
 
   @property
   def space_dim(self) -> int:
@@ -235,7 +241,7 @@ class _NearestCodeQuantizer(nn.Module):
 
   def _to_lookup_space(self, z_e: jax.Array) -> jax.Array:
     """Encoder outputs [..., code_dim] -> [M, space_dim] vectors the lookup compares."""
-    _check_code_dim(z_e, self.code_dim, type(self).__name__)
+    check_code_dim(z_e, self.code_dim, type(self).__name__)
     x = z_e.reshape(-1, self.code_dim)
     if self.lookup_dim > 0:
       x = self.lookup_in(x.astype(jnp.float32))
@@ -280,7 +286,7 @@ class _NearestCodeQuantizer(nn.Module):
     quantized = self._from_lookup_space(patched).astype(z_e.dtype).reshape(z_e.shape)
 
     one_hot = jax.nn.one_hot(indices, self.num_codes, dtype=jnp.float32)
-    counts = _psum(jnp.sum(one_hot, axis=0), self.axis_name)
+    counts = psum_if(jnp.sum(one_hot, axis=0), self.axis_name)
     if train and not self.is_initializing():
       # The train step all-gathers these rows for k-means and restarts.
       self.sow('intermediates', 'lookup_input', sg(x32))
@@ -491,7 +497,7 @@ class EMAVectorQuantizer(_NearestCodeQuantizer):
     out, x, indices = self._quantize(z_e, train=train, learned_codebook=False)
     if train and not self.is_initializing():
       one_hot = jax.nn.one_hot(indices, self.num_codes, dtype=jnp.float32)
-      sums = _psum(one_hot.T @ jax.lax.stop_gradient(x), self.axis_name)
+      sums = psum_if(one_hot.T @ jax.lax.stop_gradient(x), self.axis_name)
       self._ema_update(out.counts, sums)
     return out
 

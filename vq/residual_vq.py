@@ -23,7 +23,6 @@ straight-through patch on the total.
 
 from __future__ import annotations
 
-import math
 from typing import Optional
 
 import flax.linen as nn
@@ -33,12 +32,13 @@ import jax.numpy as jnp
 from vq import metrics
 from vq.quantizers import EMAVectorQuantizer
 from vq.quantizers import QuantizerOutput
+from vq.quantizers import TokenSpace
 from vq.quantizers import VectorQuantizer
 
 BASES = {'ema': EMAVectorQuantizer, 'vq': VectorQuantizer}
 
 
-class ResidualVQ(nn.Module):
+class ResidualVQ(TokenSpace, nn.Module):
   """`depth` quantizers applied in turn to the residual of the levels before them.
 
   Variables live under `levels_0` ... `levels_{depth-1}` in the base quantizer's
@@ -73,20 +73,8 @@ class ResidualVQ(nn.Module):
     super().__post_init__()
 
   @property
-  def vocab_size(self) -> int:
-    return self.num_codes
-
-  @property
   def index_depth(self) -> int:
     return self.depth
-
-  @property
-  def bits_per_token(self) -> float:
-    return self.index_depth * math.log2(self.vocab_size)
-
-  @property
-  def usage_size(self) -> int:
-    return self.vocab_size * self.index_depth
 
   def setup(self):
     if self.base == 'ema':

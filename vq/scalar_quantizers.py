@@ -41,17 +41,9 @@ import numpy as np
 
 from vq import metrics
 from vq.quantizers import QuantizerOutput
-
-
-def _psum(x: jax.Array, axis_name: Optional[str]) -> jax.Array:
-  return x if axis_name is None else jax.lax.psum(x, axis_name)
-
-
-def _check_code_dim(z: jax.Array, code_dim: int, name: str) -> None:
-  if z.shape[-1] != code_dim:
-    raise ValueError(
-        f'{name}: input has {z.shape[-1]} channels in its last axis (shape {z.shape}) '
-        f'but code_dim is {code_dim}; project the encoder output to code_dim first.')
+from vq.quantizers import TokenSpace
+from vq.quantizers import check_code_dim
+from vq.quantizers import psum_if
 
 
 def _straight_through(code: jax.Array, z: jax.Array) -> jax.Array:
@@ -63,7 +55,7 @@ def _usage_counts(indices: jax.Array, vocab_size: int,
                   axis_name: Optional[str]) -> jax.Array:
   # A scatter-add instead of a one-hot matrix: FSQ/LFQ vocabularies reach 2**16 codes.
   counts = jnp.zeros((vocab_size,), jnp.float32).at[indices.reshape(-1)].add(1.0)
-  return _psum(counts, axis_name)
+  return psum_if(counts, axis_name)
 
 
 def _output(quantized, indices, *, vocab_size, axis_name, commitment, loss,
@@ -77,7 +69,7 @@ def _output(quantized, indices, *, vocab_size, axis_name, commitment, loss,
       counts=counts, entropy_loss=zero if entropy_loss is None else entropy_loss)
 
 
-class _Projected(nn.Module):
+class _Projected(TokenSpace, nn.Module):
   """Shared plumbing: optional dense projections code_dim <-> width around the grid."""
 
   def _setup_projections(self, width: int) -> None:
@@ -136,18 +128,6 @@ class FSQ(_Projected):
   def vocab_size(self) -> int:
     return math.prod(int(l) for l in self.levels)
 
-  @property
-  def index_depth(self) -> int:
-    return 1
-
-  @property
-  def bits_per_token(self) -> float:
-    return self.index_depth * math.log2(self.vocab_size)
-
-  @property
-  def usage_size(self) -> int:
-    return self.vocab_size * self.index_depth
-
   def _levels(self) -> np.ndarray:
     return np.asarray(self.levels, np.int32)
 
@@ -189,7 +169,7 @@ class FSQ(_Projected):
 
   def __call__(self, z_e: jax.Array, *, train: bool = False) -> QuantizerOutput:
     del train  # no statistics to update
-    _check_code_dim(z_e, self.code_dim, type(self).__name__)
+    check_code_dim(z_e, self.code_dim, type(self).__name__)
     codes, indices = self._quantize(self._to_grid(z_e))
     return _output(self._from_grid(codes), indices, vocab_size=self.vocab_size,
                    axis_name=self.axis_name, commitment=None, loss=None, entropy_loss=None)
@@ -199,7 +179,7 @@ class FSQ(_Projected):
     return self._from_grid(self.indices_to_codes(indices))
 
   def encode_to_indices(self, z_e: jax.Array) -> jax.Array:
-    _check_code_dim(z_e, self.code_dim, type(self).__name__)
+    check_code_dim(z_e, self.code_dim, type(self).__name__)
     return self._quantize(self._to_grid(z_e))[1]
 
   def decode_from_indices(self, indices: jax.Array) -> jax.Array:
@@ -255,18 +235,6 @@ class LFQ(_Projected):
   def vocab_size(self) -> int:
     return 2**self.bits
 
-  @property
-  def index_depth(self) -> int:
-    return 1
-
-  @property
-  def bits_per_token(self) -> float:
-    return float(self.index_depth * self.bits)
-
-  @property
-  def usage_size(self) -> int:
-    return self.vocab_size * self.index_depth
-
   def setup(self):
     self._setup_projections(self.bits)
 
@@ -288,9 +256,9 @@ class LFQ(_Projected):
     logits = (2.0 / self.entropy_temperature) * (flat @ all_codes.T)
     log_p = jax.nn.log_softmax(logits, axis=-1)
     p = jnp.exp(log_p)
-    positions = _psum(jnp.float32(flat.shape[0]), self.axis_name)
-    sample_entropy = _psum(-jnp.sum(p * log_p), self.axis_name) / positions
-    avg_p = _psum(jnp.sum(p, axis=0), self.axis_name) / positions
+    positions = psum_if(jnp.float32(flat.shape[0]), self.axis_name)
+    sample_entropy = psum_if(-jnp.sum(p * log_p), self.axis_name) / positions
+    avg_p = psum_if(jnp.sum(p, axis=0), self.axis_name) / positions
     # Double where: codes nobody uses have avg_p == 0 and must give 0, not 0 * -inf or a
     # NaN gradient.
     safe = jnp.where(avg_p > 0, avg_p, 1.0)
@@ -303,7 +271,7 @@ class LFQ(_Projected):
 
   def __call__(self, z_e: jax.Array, *, train: bool = False) -> QuantizerOutput:
     del train  # no statistics to update
-    _check_code_dim(z_e, self.code_dim, type(self).__name__)
+    check_code_dim(z_e, self.code_dim, type(self).__name__)
     z = self._to_grid(z_e)
     codes, indices = self._quantize(z)
     commitment = jnp.mean(jnp.square(z - jax.lax.stop_gradient(codes)))
@@ -321,7 +289,7 @@ class LFQ(_Projected):
     return self._from_grid(self.indices_to_codes(indices))
 
   def encode_to_indices(self, z_e: jax.Array) -> jax.Array:
-    _check_code_dim(z_e, self.code_dim, type(self).__name__)
+    check_code_dim(z_e, self.code_dim, type(self).__name__)
     return self._quantize(self._to_grid(z_e))[1]
 
   def decode_from_indices(self, indices: jax.Array) -> jax.Array:

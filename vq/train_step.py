@@ -154,11 +154,12 @@ def _codebook_upkeep(s: StepSettings, state: ts.TrainState, q, mutated: dict,
                           opt_state=opt_state)
     usage = codebook_usage.mark_restarted(usage, changed, done)
     restarted = jnp.sum(changed).astype(jnp.float32)
-  idle_limit = s.restart_after if s.restart_after > 0 else s.usage_window
+  # Dead: not chosen in the last `restart_after` steps (or the usage window without restarts).
+  dead_limit = s.restart_after if s.restart_after > 0 else s.usage_window
+  alive = codebook_usage.window_usage(usage, done, dead_limit)
   metrics = {
       'codebook_usage': codebook_usage.window_usage(usage, done, s.usage_window),
-      'dead_codes': jnp.sum(codebook_usage.idle_steps(usage, done) >= idle_limit
-                            ).astype(jnp.float32),
+      'dead_codes': s.usage_size * (1.0 - alive),
       'restarted_codes': restarted}
   return state.replace(code_usage=usage), metrics
 

@@ -24,6 +24,7 @@ from typing import Any
 from absl import logging
 from clu import periodic_actions
 import jax
+from jax.experimental import multihost_utils
 import ml_collections
 import numpy as np
 
@@ -133,9 +134,12 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
     if not reinit_unusable_checkpoints:
       raise
     ckpt.close()
-    aside = ckpt_dir.with_name(f'checkpoints.unusable-{time.strftime("%Y%m%d-%H%M%S")}')
-    ckpt_dir.rename(aside)  # set aside, never deleted
-    logging.warning('vq: unusable checkpoints moved to %s; starting from step 0.', aside)
+    if is_main:  # one process moves the shared directory; the others wait for it
+      aside = ckpt_dir.with_name(f'checkpoints.unusable-{time.strftime("%Y%m%d-%H%M%S")}')
+      ckpt_dir.rename(aside)  # set aside, never deleted
+      logging.warning('vq: unusable checkpoints moved to %s; starting from step 0.', aside)
+    if jax.process_count() > 1:
+      multihost_utils.sync_global_devices('vq: unusable checkpoints set aside')
     ckpt = checkpointing.Checkpointer(ckpt_dir, keep=config.train.keep_checkpoints)
     start_step = 0
   write_config(config, workdir)

@@ -1,0 +1,30 @@
+"""Shared by the train-step tests: run a few pmapped steps of a config on given devices."""
+
+import functools
+
+import jax
+
+from vq import parallel
+from vq import train_state as ts
+from vq import train_step as steps
+
+
+def run_steps(config, devices, images_per_step, state=None):
+  """len(images_per_step) pmapped steps on `devices` from `state` (fresh, seed 0, if None).
+
+  Returns the replicated state after the last step and the host metrics of every step.
+  """
+  if state is None:
+    state = ts.create_train_state(config, ts.init_key(0), (32, 32, 3))
+  settings = steps.StepSettings.from_config(config)
+  p_step = parallel.pmap_train_step(functools.partial(steps.train_step, settings=settings),
+                                    devices=devices)
+  p_state = parallel.replicate(state, devices)
+  p_rng = parallel.replicate(jax.random.PRNGKey(1), devices)
+  n = len(devices)
+  history = []
+  for images in images_per_step:
+    batch = {'image': images.reshape((n, -1) + images.shape[1:])}
+    p_state, m = p_step(p_state, parallel.shard(batch, devices), p_rng)
+    history.append(jax.device_get(parallel.unreplicate(m)))
+  return p_state, history
