@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 
 from experiments import vqvae_cifar
+from vq import builders
 from vq import data
 from vq import evaluation
 from vq import parallel
@@ -145,3 +146,26 @@ def test_eval_without_checkpoint_says_train_first(tmp_path):
   with pytest.raises(FileNotFoundError, match='train first'):
     evaluation.evaluate(_smoke(), str(tmp_path / 'empty'))
 
+
+
+@pytest.mark.parametrize('kind', ['ema', 'vq'])
+def test_bfloat16_compute_keeps_float32_state_and_losses(kind):
+  config = _smoke(**{'model.dtype': 'bfloat16', 'quantizer.kind': kind})
+  rng = np.random.default_rng(0)
+  images = [rng.uniform(-1, 1, (8, 32, 32, 3)).astype(np.float32) for _ in range(2)]
+  p_state, metrics = _run_steps(config, jax.local_devices()[:2], images)
+  host = parallel.to_host(p_state)
+  for tree in (host.params, host.vq_stats, host.opt_state):
+    for leaf in jax.tree.leaves(tree):
+      if np.issubdtype(np.asarray(leaf).dtype, np.floating):
+        assert np.asarray(leaf).dtype == np.float32
+  for m in metrics:
+    assert all(np.asarray(v).dtype == np.float32 for v in m.values()), m
+    assert np.isfinite(m['loss'])
+  # The forward really runs in bfloat16: the encoder output differs from float32 compute.
+  f32 = _smoke(**{'quantizer.kind': kind})
+  state = ts.create_train_state(f32, ts.init_key(0), (32, 32, 3))
+  enc = lambda c: builders.build_tokenizer(c).apply(
+      {'params': state.params, 'vq_stats': state.vq_stats}, images[0],
+      method=lambda m, x: m.encoder(x))
+  assert enc(config).dtype == jnp.bfloat16 and enc(f32).dtype == jnp.float32
