@@ -15,7 +15,9 @@ redo one).
 Reported per variant: test PSNR, SSIM, codebook usage over the whole test split, and
 perplexity of the test-split code histogram; the training log's usage over the last
 `quantizer.usage_window` steps; bits per image; wall-clock seconds of training. The
-results go to stdout (Markdown) and `<workdir>/ablation.json`.
+results go to stdout (Markdown) and `<workdir>/ablation.json`, and
+`<workdir>/usage_histograms.png` stacks each variant's training usage histogram (the
+image TensorBoard shows, from the final checkpoint's usage EMA).
 """
 
 from __future__ import annotations
@@ -31,6 +33,10 @@ from absl import flags
 
 _REPO = pathlib.Path(__file__).resolve().parents[1]
 
+# Every variant starts from these (the config file's own codebook options switched off), so
+# that a variant is exactly what its overrides say, whatever the config file's defaults.
+COMMON = {'quantizer.num_codes': 1024, 'quantizer.init': 'random', 'quantizer.restart_after': 0}
+
 # name -> (description, config overrides). Every vocabulary has 1024 entries per index.
 VARIANTS = {
     'plain_vq': ('VQ, codebook learned by gradient', {'quantizer.kind': 'vq'}),
@@ -42,7 +48,7 @@ VARIANTS = {
     'rotation': ('VQ with the rotation trick', {
         'quantizer.kind': 'vq', 'quantizer.gradient': 'rotation'}),
     'fsq': ('FSQ, levels (8, 8, 4, 4)', {
-        'quantizer.kind': 'fsq', 'quantizer.fsq_levels': '(8,8,4,4)'}),
+        'quantizer.kind': 'fsq', 'quantizer.fsq_levels': (8, 8, 4, 4)}),
     'lfq': ('LFQ, 10 bits, entropy weight 0.1', {
         'quantizer.kind': 'lfq', 'quantizer.entropy_weight': 0.1}),
     'rvq': ('Residual VQ, 2 EMA levels of 1024', {
@@ -61,13 +67,17 @@ flags.mark_flags_as_required(['workdir'])
 def command(variant: str, workdir: pathlib.Path, mode: str) -> list[str]:
   """The run.py command line of one variant (train or eval)."""
   _, overrides = VARIANTS[variant]
-  fields = {'quantizer.num_codes': 1024, 'train.num_steps': _STEPS.value,
+  fields = {**COMMON, 'train.num_steps': _STEPS.value,
             'train.checkpoint_every': _STEPS.value, 'train.image_every': 0,
             'eval.lpips': False, 'eval.rfid': False,
             'eval.max_examples': _EVAL_EXAMPLES.value, **overrides}
   return ([sys.executable, 'run.py', f'--config={_CONFIG.value}',
            f'--workdir={workdir / variant}', f'--mode={mode}']
-          + [f'--config.{k}={v}' for k, v in fields.items()])
+          + [f'--config.{k}={_flag_value(v)}' for k, v in fields.items()])
+
+
+def _flag_value(v) -> str:
+  return f'({",".join(map(str, v))})' if isinstance(v, tuple) else str(v)
 
 
 def last_training_metrics(path: pathlib.Path) -> dict:
@@ -106,6 +116,36 @@ def run_variant(variant: str, root: pathlib.Path) -> dict:
   }
 
 
+def variant_config(variant: str):
+  """The config a variant trained with (the same overrides as its command line)."""
+  from experiments import vqvae_cifar  # pylint: disable=g-import-not-at-top
+  config = vqvae_cifar.get_config()
+  overrides = {**COMMON, **VARIANTS[variant][1]}
+  config.update_from_flattened_dict(overrides)
+  return config
+
+
+def usage_histograms(variants: list[str], root: pathlib.Path) -> pathlib.Path:
+  """One labelled row per variant: `codebook_usage.histogram_image` of its final usage EMA."""
+  import numpy as np  # pylint: disable=g-import-not-at-top
+  from PIL import Image, ImageDraw  # pylint: disable=g-import-not-at-top
+  from vq import checkpointing, codebook_usage, images, train_state as ts  # pylint: disable=g-import-not-at-top,g-multiple-import
+  rows = []
+  for variant in variants:
+    config = variant_config(variant)
+    fresh = ts.create_train_state(config, ts.init_key(0), (32, 32, 3))
+    ckpt = checkpointing.Checkpointer(root / variant / 'checkpoints')
+    state, _ = ckpt.restore(ckpt.latest_step(), fresh)
+    ckpt.close()
+    hist = codebook_usage.histogram_image(np.asarray(state.code_usage['counts_ema']))
+    label = Image.new('RGB', (hist.shape[1], 14), (255, 255, 255))
+    ImageDraw.Draw(label).text((2, 1), f'{variant}: {VARIANTS[variant][0]}', fill=(0, 0, 0))
+    rows += [np.asarray(label), hist, np.full((6, hist.shape[1], 3), 255, np.uint8)]
+  path = root / 'usage_histograms.png'
+  images.save_png(path, np.concatenate(rows))
+  return path
+
+
 def markdown(rows: list[dict]) -> str:
   lines = ['| variant | PSNR (dB) | SSIM | usage (test) | perplexity (test) | usage (train window)'
            ' | bits/image | train s |', '|---|---|---|---|---|---|---|---|']
@@ -129,6 +169,7 @@ def main(argv):
   rows = [run_variant(v, root) for v in _VARIANTS.value]
   (root / 'ablation.json').write_text(json.dumps(rows, indent=2) + '\n')
   print(markdown(rows))
+  print(f'usage histograms: {usage_histograms(_VARIANTS.value, root)}')
 
 
 if __name__ == '__main__':

@@ -1,8 +1,8 @@
 """VQ-GAN on CIFAR-10: taming-transformers' network and objective at 32x32.
 
 Encoder/decoder ch 64, multipliers (1, 2, 2), 2 ResNet blocks, attention at 8x8 -> 8x8 tokens;
-512 EMA codes of dim 64; L1 + LPIPS-VGG16 + hinge PatchGAN with taming's adaptive weight;
-the discriminator warms up before the generator sees it.
+512 EMA codes of dim 64 (k-means init, dead-code restarts); L1 + LPIPS-VGG16 + hinge PatchGAN
+with taming's adaptive weight; the discriminator warms up before the generator sees it.
 
   python run.py --config=experiments/vqgan_cifar.py --workdir=/tmp/vqgan
   python run.py --config=experiments/vqgan_cifar.py --workdir=/tmp/vqgan --mode=eval
@@ -24,6 +24,10 @@ def get_config(arg=None):
   c.quantizer.kind = 'ema'
   c.quantizer.num_codes = 512
   c.quantizer.code_dim = 64
+  # The codebook ablation's winner (README, benchmarks/codebook_ablation.py): k-means from
+  # the first batch and restarts of codes idle for 50 steps keep every code in use.
+  c.quantizer.init = 'kmeans'
+  c.quantizer.restart_after = 50
   c.loss.recon = 'l1'
   c.loss.recon_weight = 1.0
   c.loss.perceptual_weight = 1.0

@@ -16,8 +16,10 @@ from tests import train_util
 
 
 def _smoke(**overrides):
+  # Upkeep off unless a test asks for it (the CIFAR configs switch it on by default).
   config = vqvae_cifar.get_config('smoke')
-  config.update_from_flattened_dict(overrides)
+  config.update_from_flattened_dict(
+      {'quantizer.init': 'random', 'quantizer.restart_after': 0, **overrides})
   return config
 
 
