@@ -11,14 +11,17 @@ across processes all line up).
 
 import os
 import pathlib
+import signal
 import socket
 import subprocess
 import sys
+import time
 
 import numpy as np
 import pytest
 
 from vq import distributed
+from vq import trainer
 
 _WORKER = pathlib.Path(__file__).with_name('multiprocess_worker.py')
 _TIMEOUT_S = 240
@@ -101,6 +104,36 @@ def test_two_processes_equal_each_other_and_one_process(tmp_path):
   assert (shared / 'config.json').exists()
   assert sorted(int(p.name) for p in (shared / 'checkpoints').iterdir()
                 if p.name.isdigit()) == [3, 4]
+
+
+def test_stop_signal_on_one_process_stops_both_at_the_same_step(tmp_path):
+  port = _free_port()
+  shared = tmp_path / 'shared'
+  procs = []
+  for pid in range(2):
+    log = tmp_path / f'process{pid}.log'
+    procs.append((_launch(
+        [f'--workdir={shared}', f'--out={tmp_path / f"process{pid}.npz"}',
+         '--num_processes=2', f'--process_id={pid}',
+         f'--coordinator_address=localhost:{port}', '--phases=pmap:2000'],
+        num_devices=1, log=log), log))
+  # Training is under way once the first checkpoint (step 3) exists; then only process 1
+  # gets SIGTERM, as when one host of a job is preempted.
+  deadline = time.monotonic() + _TIMEOUT_S
+  while not (shared / 'checkpoints' / '3').is_dir():
+    assert time.monotonic() < deadline and all(p.poll() is None for p, _ in procs), (
+        'training did not start:\n' + procs[0][1].read_text()[-2000:])
+    time.sleep(0.2)
+  procs[1][0].send_signal(signal.SIGTERM)
+  _wait_all(procs)  # both exit 0: no process is left waiting in a collective
+
+  p0, p1 = _load(tmp_path / 'process0.npz'), _load(tmp_path / 'process1.npz')
+  last = max(int(k.split('/')[0][4:]) for k in p0)
+  assert last == max(int(k.split('/')[0][4:]) for k in p1)
+  assert last < 2000 and last % trainer.PREEMPTION_SYNC_EVERY == 0
+  for key in (k for k in p0 if k.startswith(f'step{last}/')):
+    np.testing.assert_array_equal(p0[key], p1[key], err_msg=key)
+  assert 'another process' in procs[0][1].read_text()
 
 
 _SRUN = {'SLURM_JOB_ID': '7', 'SLURM_STEP_NODELIST': 'n[1-2]', 'SLURM_PROCID': '0',

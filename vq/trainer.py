@@ -224,7 +224,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
         else:
           window_steps += 1
         report(done)
-        stopping = preemption.requested
+        stopping = agreed_stop(preemption.requested, done)
         save_now = done % config.train.checkpoint_every == 0 or done == num_steps or stopping
         if done % config.train.log_every == 0 or save_now:
           flush_window(done)  # raises before a non-finite state can be saved
@@ -243,7 +243,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
           ckpt.save(done, par.to_host(p_state), meta, force=stopping)
         if stopping:
           ckpt.wait()
-          message = (f'vq: received {preemption.requested}; saved checkpoint at step {done} '
+          cause = preemption.requested or 'a stop signal on another process'
+          message = (f'vq: received {cause}; saved checkpoint at step {done} '
                      f'in {ckpt.directory}; rerun the same command to resume.')
           logging.warning('%s', message)
           print(message, flush=True)
@@ -253,6 +254,22 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
     ckpt.close()
     batches.close()
   return last
+
+
+# With several processes, a stop signal is acted on only at steps all processes check
+# together (an allgather of the flag), so that they save the same step and leave together
+# instead of one host waiting forever in the next step's collectives.
+PREEMPTION_SYNC_EVERY = 10
+
+
+def agreed_stop(requested: str | None, done: int) -> bool:
+  """Whether every process stops after step `done` (any process got a stop signal)."""
+  if jax.process_count() == 1:
+    return requested is not None
+  if done % PREEMPTION_SYNC_EVERY:
+    return False
+  flags = multihost_utils.process_allgather(np.int32(requested is not None))
+  return bool(np.any(flags))
 
 
 class _PreemptionFlag:
