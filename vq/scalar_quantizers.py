@@ -87,6 +87,19 @@ class _Projected(TokenSpace, nn.Module):
   def _from_grid(self, codes: jax.Array) -> jax.Array:
     return codes if self.project_out is None else self.project_out(codes)
 
+  # Subclasses define `indices_to_codes` and `_quantize(grid) -> (codes, indices)`.
+
+  def lookup(self, indices: jax.Array) -> jax.Array:
+    """Vectors the decoder consumes for indices [...] -> [..., code_dim]."""
+    return self._from_grid(self.indices_to_codes(indices))
+
+  def encode_to_indices(self, z_e: jax.Array) -> jax.Array:
+    check_code_dim(z_e, self.code_dim, type(self).__name__)
+    return self._quantize(self._to_grid(z_e))[1]
+
+  def decode_from_indices(self, indices: jax.Array) -> jax.Array:
+    return self.lookup(indices)
+
 
 class FSQ(_Projected):
   """Finite scalar quantization onto a fixed grid of prod(levels) codes.
@@ -173,17 +186,6 @@ class FSQ(_Projected):
     codes, indices = self._quantize(self._to_grid(z_e))
     return _output(self._from_grid(codes), indices, vocab_size=self.vocab_size,
                    axis_name=self.axis_name, commitment=None, loss=None, entropy_loss=None)
-
-  def lookup(self, indices: jax.Array) -> jax.Array:
-    """Vectors the decoder consumes for indices [...] -> [..., code_dim]."""
-    return self._from_grid(self.indices_to_codes(indices))
-
-  def encode_to_indices(self, z_e: jax.Array) -> jax.Array:
-    check_code_dim(z_e, self.code_dim, type(self).__name__)
-    return self._quantize(self._to_grid(z_e))[1]
-
-  def decode_from_indices(self, indices: jax.Array) -> jax.Array:
-    return self.lookup(indices)
 
 
 class LFQ(_Projected):
@@ -283,14 +285,3 @@ class LFQ(_Projected):
     return _output(self._from_grid(codes), indices, vocab_size=self.vocab_size,
                    axis_name=self.axis_name, commitment=commitment, loss=loss,
                    entropy_loss=entropy)
-
-  def lookup(self, indices: jax.Array) -> jax.Array:
-    """Vectors the decoder consumes for indices [...] -> [..., code_dim]."""
-    return self._from_grid(self.indices_to_codes(indices))
-
-  def encode_to_indices(self, z_e: jax.Array) -> jax.Array:
-    check_code_dim(z_e, self.code_dim, type(self).__name__)
-    return self._quantize(self._to_grid(z_e))[1]
-
-  def decode_from_indices(self, indices: jax.Array) -> jax.Array:
-    return self.lookup(indices)
