@@ -22,7 +22,8 @@ _BATCH_SIZE = flags.DEFINE_integer('batch_size', 64, 'Global batch size.')
 _NUM_BATCHES = flags.DEFINE_integer('num_batches', 200, 'Batches timed after warm-up.')
 _WARMUP = flags.DEFINE_integer('warmup', 20, 'Batches read before timing starts.')
 _NUM_DEVICES = flags.DEFINE_integer('num_devices', 1, 'Leading device axis of batches.')
-_NUM_THREADS = flags.DEFINE_integer('num_threads', 4, 'Decoding threads.')
+_NUM_THREADS = flags.DEFINE_integer('num_threads', None,
+                                    'Decoding threads (default: data.default_num_threads()).')
 _PREFETCH = flags.DEFINE_integer('prefetch', 2, 'Batches decoded ahead.')
 _DATA_DIR = flags.DEFINE_string('data_dir', None, 'tfds data dir (default $TFDS_DATA_DIR).')
 
@@ -30,9 +31,10 @@ _DATA_DIR = flags.DEFINE_string('data_dir', None, 'tfds data dir (default $TFDS_
 def main(argv):
   del argv
   source = data.open_source(_DATASET.value, data_dir=_DATA_DIR.value, download=False)
+  num_threads = _NUM_THREADS.value or data.default_num_threads()
   batches = data.train_batches(
       source, global_batch_size=_BATCH_SIZE.value, num_local_devices=_NUM_DEVICES.value,
-      seed=0, prefetch=_PREFETCH.value, num_threads=_NUM_THREADS.value)
+      seed=0, prefetch=_PREFETCH.value, num_threads=num_threads)
   for _ in range(_WARMUP.value):
     next(batches)
   start = time.perf_counter()
@@ -45,7 +47,7 @@ def main(argv):
       'batches': _NUM_BATCHES.value,
       'batch_size': _BATCH_SIZE.value,
       'dataset': _DATASET.value,
-      'num_threads': _NUM_THREADS.value,
+      'num_threads': num_threads,
       'prefetch': _PREFETCH.value,
       'seconds': round(seconds, 3),
   }))

@@ -565,10 +565,19 @@ def _check_layout(global_batch_size: int, num_local_devices: int, process_index:
   return global_batch_size // process_count
 
 
+def default_num_threads() -> int:
+  """One decoding thread per CPU core, at most 4.
+
+  More threads than cores only contend with the train step: on 2 cores, 2 threads
+  deliver 4,429 CIFAR images/s and 4 threads 3,640 (benchmarks/input_pipeline.py).
+  """
+  return max(1, min(4, os.cpu_count() or 1))
+
+
 def train_batches(source: ImageSource, *, global_batch_size: int, num_local_devices: int,
                   seed: int, start_step: int = 0, process_index: int = 0,
                   process_count: int = 1, prefetch: int = 2,
-                  num_threads: int = 4) -> Iterator[dict[str, np.ndarray]]:
+                  num_threads: int | None = None) -> Iterator[dict[str, np.ndarray]]:
   """Yields training batches forever, starting at `start_step`.
 
   Step s is position s % (N // B) of epoch s // (N // B), where epoch e visits the whole
@@ -585,7 +594,7 @@ def train_batches(source: ImageSource, *, global_batch_size: int, num_local_devi
     process_index: this process, in [0, process_count).
     process_count: P, number of processes.
     prefetch: batches decoded ahead of the consumer in background threads.
-    num_threads: decoding threads.
+    num_threads: decoding threads; None: `default_num_threads()`.
 
   Yields:
     {'image': float32 [D, B / (P * D), H, W, 3] in [-1, 1], 'label': int32 [D, B / (P * D)]}.
@@ -605,6 +614,7 @@ def train_batches(source: ImageSource, *, global_batch_size: int, num_local_devi
     raise ValueError(f'seed must be a non-negative int; saw {seed!r}.')
   if not isinstance(start_step, (int, np.integer)) or start_step < 0:
     raise ValueError(f'start_step must be a non-negative int; saw {start_step!r}.')
+  num_threads = default_num_threads() if num_threads is None else num_threads
   _check_threads(prefetch, num_threads)
   lo = process_index * per_process
 
