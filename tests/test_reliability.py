@@ -9,7 +9,9 @@ import sys
 import time
 
 import chex
+import jax
 import numpy as np
+import orbax.checkpoint as ocp
 import pytest
 
 from experiments import vqvae_cifar
@@ -175,3 +177,21 @@ def test_incompatible_checkpoint_names_the_differing_fields(tmp_path):
                      match=r'model.hidden: saved 32, now 48; quantizer.num_codes: saved 64, '
                            r'now 32'):
     trainer.train_and_evaluate(config, str(tmp_path))
+
+
+def test_checkpoint_from_before_usage_tracking_resumes_with_fresh_tracking(tmp_path):
+  # Checkpoints written before `code_usage` joined the train state hold every other field.
+  config = vqvae_cifar.get_config('smoke')
+  fresh = ts.create_train_state(config, ts.init_key(0), (32, 32, 3))
+  old = ts.checkpointable(fresh.replace(step=np.int32(7)))
+  old['params'] = jax.tree.map(lambda x: x + 1.0, old['params'])
+  del old['code_usage']
+  ckpt = checkpointing.Checkpointer(tmp_path)
+  ckpt._manager.save(7, args=ocp.args.Composite(state=ocp.args.StandardSave(old),  # pylint: disable=protected-access
+                                                meta=ocp.args.JsonSave({})))
+  ckpt.wait()
+  state, step = ckpt.restore_or_init(fresh)
+  ckpt.close()
+  assert step == 7 and int(state.step) == 7
+  chex.assert_trees_all_equal(state.params, old['params'])
+  chex.assert_trees_all_equal(state.code_usage, fresh.code_usage)

@@ -38,6 +38,10 @@ STRUCTURAL_FIELDS = (
     'model.num_res_blocks', 'model.attn_resolutions', 'model.hidden', 'model.res_hidden',
     'model.num_res_layers', 'quantizer.kind', 'quantizer.num_codes', 'quantizer.code_dim',
     'quantizer.lookup_dim', 'quantizer.fsq_levels', 'quantizer.rvq_depth', 'disc.name', 'disc.ndf', 'disc.n_layers', 'disc.norm')
+# State fields added after checkpoints already existed; a checkpoint without them resumes
+# with their fresh values (usage tracking restarts; nothing the model computes changes).
+FRESH_IF_ABSENT = ('code_usage',)
+
 # Quantizer fields that shape the state only for some kinds.
 QUANTIZER_SHAPES = {'lookup_dim': ('vq', 'ema'), 'fsq_levels': ('fsq',), 'rvq_depth': ('rvq',)}
 # Fields whose being zero or not changes the optimizer or EMA state structure.
@@ -102,13 +106,31 @@ class Checkpointer:
                                       meta=ocp.args.JsonSave(meta or {})), force=force)
 
   def restore(self, step: int, target: ts.TrainState) -> tuple[ts.TrainState, dict]:
-    """Restores `step` into the structure of `target`."""
+    """Restores `step` into the structure of `target`.
+
+    State fields in `FRESH_IF_ABSENT` that a checkpoint predates keep `target`'s values
+    (so checkpoints written before such a field existed still resume).
+    """
+    tree = jax.device_get(ts.checkpointable(target))
+    absent = [k for k in FRESH_IF_ABSENT if k not in self._saved_fields(step, tree)]
     abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct,
-                            jax.device_get(ts.checkpointable(target)))
+                            {k: v for k, v in tree.items() if k not in absent})
     restored = self._manager.restore(
         step, args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract),
                                       meta=ocp.args.JsonRestore()))
-    return ts.restore_from(target, restored['state']), dict(restored['meta'] or {})
+    state = dict(restored['state'])
+    for k in absent:
+      logging.info('Checkpoint at step %d predates %s; starting it fresh.', step, k)
+      state[k] = tree[k]
+    return ts.restore_from(target, state), dict(restored['meta'] or {})
+
+  def _saved_fields(self, step: int, default: dict[str, Any]) -> set[str]:
+    """Top-level state fields stored at `step` (those of `default` if unreadable)."""
+    try:
+      metadata = ocp.PyTreeCheckpointHandler().metadata(self.directory / str(step) / 'state')
+      return set(getattr(metadata, 'tree', metadata).keys())
+    except Exception:  # pylint: disable=broad-except
+      return set(default)  # the restore itself will then say what is wrong
 
   def read_meta(self, step: int) -> dict:
     restored = self._manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))
