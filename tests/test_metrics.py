@@ -208,8 +208,11 @@ def test_perplexity_and_usage_match_numpy_and_scipy():
   chex.assert_trees_all_close(np.asarray(jitted[0], np.float64), expected_ppl, rtol=1e-5)
 
 
+# No subnormal counts: XLA on CPU flushes them to zero, so numpy and the jitted metric
+# would disagree about which codes are used (hypothesis found 12 counts of 1e-45).
 @hypothesis.settings(max_examples=40, deadline=None)
-@hypothesis.given(hnp.arrays(np.float32, 12, elements=st.floats(0, 1e4, width=32)))
+@hypothesis.given(hnp.arrays(np.float32, 12, elements=st.floats(0, 1e4, width=32,
+                                                                allow_subnormal=False)))
 def test_perplexity_lies_between_one_and_codes_used(counts):
   hypothesis.assume(counts.sum() > 0)
   used = np.count_nonzero(counts)
