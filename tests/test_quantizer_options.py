@@ -15,6 +15,7 @@ import numpy as np
 import pytest
 
 from vq import quantizers
+from tests import train_util
 
 K = 8  # codebook size
 D = 4  # code dimension
@@ -81,9 +82,7 @@ def _codebook_of(variables):
   return np.asarray(variables['params']['codebook'])
 
 
-@functools.partial(jax.jit, static_argnames=('module', 'method'))
-def _apply(module, variables, x, method='__call__'):
-  return module.apply(variables, x, method=method)
+_apply = train_util.jit_apply
 
 
 @functools.partial(jax.jit, static_argnames=('module',))

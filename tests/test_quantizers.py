@@ -5,7 +5,6 @@ distances, argmin assignments, the straight-through gradients written out by han
 numpy re-implementation of the zero-debiased, Laplace-smoothed EMA codebook update.
 """
 
-import functools
 
 import chex
 import hypothesis
@@ -17,6 +16,7 @@ import numpy as np
 import pytest
 
 from vq import quantizers
+from tests import train_util
 
 K = 8  # codebook size used throughout
 D = 4  # code dimension
@@ -87,16 +87,10 @@ def _codebook_of(variables):
   return np.asarray(variables[STATS]['codebook'])
 
 
-# Modules are hashable dataclasses, so they can be static jit arguments: one compilation
-# per (module, shape), shared by all tests and hypothesis examples.
-@functools.partial(jax.jit, static_argnames=('module', 'method'))
-def _apply(module, variables, x, method='__call__'):
-  return module.apply(variables, x, method=method)
+_apply = train_util.jit_apply
 
 
-@functools.partial(jax.jit, static_argnames=('module',))
-def _train(module, variables, z):
-  return module.apply(variables, z, train=True, mutable=[STATS])
+_train = train_util.jit_train
 
 
 class _NumpyEMA:

@@ -5,7 +5,6 @@ the per-level losses and gradients written out by hand, and replays one EMA upda
 every level's codebook on the residuals it saw.
 """
 
-import functools
 
 import chex
 import flax.linen as nn
@@ -17,6 +16,7 @@ import pytest
 from vq import quantizers
 from vq import residual_vq
 from vq import tokenizer
+from tests import train_util
 
 K = 8  # codes per level
 D = 3  # code dimension
@@ -26,14 +26,10 @@ STATS = quantizers.STATS
 ResidualVQ = residual_vq.ResidualVQ
 
 
-@functools.partial(jax.jit, static_argnames=('module', 'method'))
-def _apply(module, variables, x, method='__call__'):
-  return module.apply(variables, x, method=method)
+_apply = train_util.jit_apply
 
 
-@functools.partial(jax.jit, static_argnames=('module',))
-def _train(module, variables, z):
-  return module.apply(variables, z, train=True, mutable=[STATS])
+_train = train_util.jit_train
 
 
 def _codebooks(seed, depth=DEPTH):

@@ -18,15 +18,14 @@ import pytest
 
 from vq import scalar_quantizers
 from vq import tokenizer
+from tests import train_util
 
 FSQ = scalar_quantizers.FSQ
 LFQ = scalar_quantizers.LFQ
 LEVELS = (8, 5, 3)  # even and odd levels; 120 codes
 
 
-@functools.partial(jax.jit, static_argnames=('module', 'method'))
-def _apply(module, variables, x, method='__call__'):
-  return module.apply(variables, x, method=method)
+_apply = train_util.jit_apply
 
 
 @functools.partial(jax.jit, static_argnames=('module',))

@@ -1,10 +1,11 @@
-"""Shared by the train-step tests: run a few pmapped steps of a config on given devices."""
+"""Shared test helpers: pmapped train steps of a config, jitted quantizer apply/train calls."""
 
 import functools
 
 import jax
 
 from vq import parallel
+from vq import quantizers
 from vq import train_state as ts
 from vq import train_step as steps
 
@@ -28,3 +29,17 @@ def run_steps(config, devices, images_per_step, state=None):
     p_state, m = p_step(p_state, parallel.shard(batch, devices), p_rng)
     history.append(jax.device_get(parallel.unreplicate(m)))
   return p_state, history
+
+
+# Modules are hashable dataclasses, so they can be static jit arguments: one compilation
+# per (module, shape), shared by all tests and hypothesis examples.
+@functools.partial(jax.jit, static_argnames=('module', 'method'))
+def jit_apply(module, variables, x, method='__call__'):
+  """`module.apply(variables, x, method=method)`, jitted."""
+  return module.apply(variables, x, method=method)
+
+
+@functools.partial(jax.jit, static_argnames=('module',))
+def jit_train(module, variables, z):
+  """One `train=True` call updating the quantizer statistics: (output, mutated)."""
+  return module.apply(variables, z, train=True, mutable=[quantizers.STATS])
