@@ -89,7 +89,7 @@ def get_base_config() -> ml_collections.ConfigDict:
   c.train.checkpoint_every = 1000  # steps between checkpoints (and one at the end)
   c.train.keep_checkpoints = 3   # checkpoints kept on disk
   c.train.image_every = 1000     # steps between reconstruction grids in workdir/images
-  c.train.eval_every = 0         # steps between test-split evaluations during training (0: never)
+  c.train.eval_every = 0         # steps between test-split evals in training, plus one at the end (0: never)
   c.train.parallel = 'pmap'      # data parallelism: 'pmap' or 'jit' (jax.jit over a device mesh)
 
   c.eval = ml_collections.ConfigDict()

@@ -75,19 +75,25 @@ def test_two_processes_equal_each_other_and_one_process(tmp_path):
     out = tmp_path / f'process{pid}.npz'
     procs.append((_launch(
         [f'--workdir={shared}', f'--out={out}', '--num_processes=2', f'--process_id={pid}',
-         f'--coordinator_address=localhost:{port}', '--phases=pmap:3,jit:4'],
+         f'--coordinator_address=localhost:{port}', '--phases=pmap:3,jit:4',
+         '--eval_every=4'],
         num_devices=1, log=tmp_path / f'process{pid}.log'), tmp_path / f'process{pid}.log'))
   single_out = tmp_path / 'single.npz'
   # The reference runs after the pair so three compiles do not share 2 cores at once.
   _wait_all(procs)
   single = _launch([f'--workdir={tmp_path / "one_process"}', f'--out={single_out}',
-                    '--phases=pmap:4'], num_devices=2, log=tmp_path / 'single.log')
+                    '--phases=pmap:4', '--eval_every=4'], num_devices=2,
+                   log=tmp_path / 'single.log')
   _wait_all([(single, tmp_path / 'single.log')])
 
   p0, p1 = _load(tmp_path / 'process0.npz'), _load(tmp_path / 'process1.npz')
   ref = _load(single_out)
-  assert sorted({k.split('/')[0] for k in p0}) == ['step3', 'step4']
+  assert sorted({k.split('/')[0] for k in p0}) == ['final_eval', 'step3', 'step4']
   assert p0.keys() == p1.keys() == ref.keys()
+  # Evaluation at step 4: each process evaluates its share of the 48 test images, and
+  # both report the metrics of all 48, as the one-process run does.
+  assert int(p0['final_eval/num_examples']) == 48
+  assert {'final_eval/psnr', 'final_eval/ssim', 'final_eval/perplexity'} <= p0.keys()
   assert any('codebook' in k for k in p0) and any('opt_state' in k for k in p0)
   for key in p0:
     # Same program, same inputs, same collectives: bit-identical on both processes.

@@ -142,6 +142,27 @@ def test_eval_counts_each_example_once_and_matches_numpy(tmp_path):
   assert 0 < results['codebook_usage'] <= 1
 
 
+def test_eval_every_evaluates_during_training_like_mode_eval(tmp_path):
+  config = _smoke(**{'train.num_steps': 4, 'train.eval_every': 3, 'train.image_every': 0,
+                     'train.checkpoint_every': 4, 'eval.batch_size': 16,
+                     'eval.max_examples': 32, 'eval.lpips': False, 'eval.rfid': False})
+  workdir = tmp_path / 'wd'
+  final = trainer.train_and_evaluate(config, str(workdir))
+  # At every eval_every steps and at the end.
+  assert sorted(p.name for p in (workdir / 'eval').iterdir()) == ['step_3.json', 'step_4.json']
+  during = json.loads((workdir / 'eval' / 'step_4.json').read_text())
+  assert during['num_examples'] == 32 and during['step'] == 4
+  records = [json.loads(l) for l in (workdir / 'metrics.jsonl').read_text().splitlines()]
+  assert [r['step'] for r in records if 'eval/psnr' in r] == [3, 4]
+  # The same numbers as --mode=eval on the final checkpoint.
+  after = evaluation.evaluate(config, str(workdir))
+  for key in ('psnr', 'ssim', 'mse', 'codebook_usage', 'perplexity'):
+    np.testing.assert_allclose(during[key], after[key], rtol=1e-5, err_msg=key)
+    np.testing.assert_allclose(final[f'eval/{key}'], after[key], rtol=1e-5, err_msg=key)
+  # Evaluations at steps 3 and 4 saw different weights.
+  assert json.loads((workdir / 'eval' / 'step_3.json').read_text())['mse'] != during['mse']
+
+
 def test_eval_without_checkpoint_says_train_first(tmp_path):
   with pytest.raises(FileNotFoundError, match='train first'):
     evaluation.evaluate(_smoke(), str(tmp_path / 'empty'))

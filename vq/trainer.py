@@ -1,4 +1,5 @@
-"""The training loop: restore-or-init, pmapped steps, logging, pictures, checkpoints.
+"""The training loop: restore-or-init, pmapped steps, logging, pictures, checkpoints and
+test-split evaluations every `train.eval_every` steps.
 
 Usage sketch::
 
@@ -33,6 +34,7 @@ from vq import checkpointing
 from vq import codebook_usage
 from vq import config_validation
 from vq import data
+from vq import evaluation
 from vq import images as vq_images
 from vq import parallel
 from vq import train_state as ts
@@ -100,6 +102,35 @@ class Reconstructor:
 
   def __call__(self, params, vq_stats, images: np.ndarray) -> np.ndarray:
     return np.asarray(self._fn(params, vq_stats, images))
+
+
+def evaluate_during_training(config: ml_collections.ConfigDict, state: ts.TrainState,
+                             step: int, workdir: pathlib.Path, writer: Any,
+                             eval_source: data.ImageSource, lpips_params: Any
+                             ) -> dict[str, float]:
+  """Test-split evaluation at `step` (train.eval_every): every process takes part.
+
+  The metrics of `--mode=eval` (vq/evaluation.py) on the EMA/plain eval params; process 0
+  writes eval/step_<N>.json and the numeric results as 'eval/<name>' scalars.
+
+  Returns:
+    The numeric results as {'eval/<name>': value}.
+  """
+  if config.eval.lpips and lpips_params is None:
+    from vq import lpips  # pylint: disable=g-import-not-at-top
+    lpips_params = lpips.load_pretrained_params()
+  start = time.perf_counter()
+  results = {'step': int(step), **evaluation.evaluate_params(
+      config, ts.eval_params(state), state.vq_stats,
+      lpips_params=lpips_params if config.eval.lpips else None, source=eval_source)}
+  scalars = {f'eval/{k}': float(v) for k, v in results.items()
+             if isinstance(v, (int, float)) and not isinstance(v, bool) and k != 'step'}
+  if jax.process_index() == 0:
+    evaluation.write_results(workdir, results)
+    writer.write_scalars(step, scalars)
+  logging.info('vq: eval at step %d (%.1f s): %s', step, time.perf_counter() - start,
+               ', '.join(f'{k}={v:.4g}' for k, v in sorted(scalars.items())))
+  return scalars
 
 
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
@@ -182,6 +213,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
   window_start = time.perf_counter()
   window_steps = 0
   last: dict[str, float] = {}
+  last_eval: dict[str, float] = {}
   preemption = _PreemptionFlag()
 
   def flush_window(done: int) -> None:
@@ -241,6 +273,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
                                        'codebook_usage': usage_image[None]})
         if save_now:
           ckpt.save(done, par.to_host(p_state), meta, force=stopping)
+        if config.train.eval_every and not stopping and (
+            done % config.train.eval_every == 0 or done == num_steps):
+          last_eval = evaluate_during_training(config, par.to_host(p_state), done, workdir,
+                                               writer, eval_source, lpips_params)
         if stopping:
           ckpt.wait()
           cause = preemption.requested or 'a stop signal on another process'
@@ -253,7 +289,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
     writer.flush()
     ckpt.close()
     batches.close()
-  return last
+  return {**last, **last_eval}
 
 
 # With several processes, a stop signal is acted on only at steps all processes check
