@@ -4,6 +4,7 @@ Oracles are written out here independently: PIL/numpy for decoding and resizing,
 documented permutation formula for the training order, plain index sets for coverage.
 """
 
+import io
 import logging
 import os
 import threading
@@ -294,6 +295,20 @@ def test_tfds_cifar10_shared_copy():
       assert ex['image'].dtype == np.uint8 and ex['image'].shape == (32, 32, 3)
       assert 0 <= ex['label'] < 10
   assert len(data.open_source('tfds:cifar10:train[:100]', download=False)) == 100
+
+
+def test_tfds_images_decode_with_opencv_to_the_stored_png_pixels():
+  """requirements.txt pins OpenCV so tfds decodes with it; pixels equal PIL's PNG decode."""
+  from tensorflow_datasets.core.features import image_feature  # pylint: disable=g-import-not-at-top
+  assert image_feature.cv2 is not None, 'tfds did not pick up OpenCV'
+  source = data.open_source('tfds:cifar10:test', download=False)
+  builder = tfds.builder('cifar10')
+  raw = builder.as_data_source(split='test', decoders={'image': tfds.decode.SkipDecoding()})
+  indices = list(range(0, 10_000, 97))
+  for i, example in zip(indices, raw.__getitems__(indices)):
+    with Image.open(io.BytesIO(example['image'])) as png:
+      assert png.format == 'PNG'
+      np.testing.assert_array_equal(source[i]['image'], np.asarray(png.convert('RGB')))
 
 
 def test_tfds_resize_rule_and_bad_names():
