@@ -527,6 +527,38 @@ def test_bfloat16_input_keeps_float32_losses_and_statistics(cls):
       assert updates[STATS][name].dtype == jnp.float32, name
 
 
+def _dot_precisions(fn, *args):
+  """Precisions of every dot_general in fn's jaxpr, sub-jaxprs included."""
+  found = []
+
+  def walk(jaxpr):
+    for eqn in jaxpr.eqns:
+      if eqn.primitive.name == 'dot_general':
+        found.append(eqn.params['precision'])
+      for value in eqn.params.values():
+        for sub in (value if isinstance(value, (tuple, list)) else (value,)):
+          if hasattr(sub, 'eqns'):
+            walk(sub)
+          elif hasattr(sub, 'jaxpr') and hasattr(sub.jaxpr, 'eqns'):
+            walk(sub.jaxpr)
+
+  walk(jax.make_jaxpr(fn)(*args).jaxpr)
+  return found
+
+
+def test_codebook_distances_and_ema_sums_run_at_highest_precision():
+  # On CPU every precision gives float32 results, so check what the program asks for:
+  # TPU (bf16 passes) and GPU (TF32) defaults would otherwise round these products.
+  highest = (jax.lax.Precision.HIGHEST, jax.lax.Precision.HIGHEST)
+  cb = _codebook(24)
+  z = np.random.default_rng(25).normal(size=(2, 3, D)).astype(np.float32)
+  assert _dot_precisions(quantizers.squared_distances, z.reshape(-1, D), cb) == [highest]
+  module = quantizers.EMAVectorQuantizer(num_codes=K, code_dim=D)
+  variables = _vars_for(quantizers.EMAVectorQuantizer, cb)
+  precisions = _dot_precisions(lambda z: _train(module, variables, z), z)
+  assert len(precisions) == 2 and all(p == highest for p in precisions), precisions
+
+
 # ---------------------------------------------------------------------------------------
 # 6. Errors.
 

@@ -79,12 +79,14 @@ class QuantizerOutput:
 def squared_distances(z: jax.Array, codebook: jax.Array) -> jax.Array:
   """||z||^2 - 2 z.e + ||e||^2 for z [M, D] and codebook [K, D] -> [M, K], float32.
 
-  The expanded form never materialises an [M, K, D] tensor.
+  The expanded form never materialises an [M, K, D] tensor. The product runs at HIGHEST
+  precision: by default TPUs multiply float32 with bfloat16 passes and recent NVIDIA GPUs
+  may use TF32, either of which can flip the nearest code between close neighbours.
   """
   z = z.astype(jnp.float32)
   codebook = codebook.astype(jnp.float32)
   return (jnp.sum(z * z, axis=-1, keepdims=True)
-          - 2.0 * z @ codebook.T
+          - 2.0 * jnp.matmul(z, codebook.T, precision=jax.lax.Precision.HIGHEST)
           + jnp.sum(codebook * codebook, axis=-1)[None, :])
 
 
@@ -497,7 +499,9 @@ class EMAVectorQuantizer(_NearestCodeQuantizer):
     out, x, indices = self._quantize(z_e, train=train, learned_codebook=False)
     if train and not self.is_initializing():
       one_hot = jax.nn.one_hot(indices, self.num_codes, dtype=jnp.float32)
-      sums = psum_if(one_hot.T @ jax.lax.stop_gradient(x), self.axis_name)
+      # Float32 EMA statistics: exact one-hot sums at HIGHEST precision (see above).
+      sums = psum_if(jnp.matmul(one_hot.T, jax.lax.stop_gradient(x),
+                                precision=jax.lax.Precision.HIGHEST), self.axis_name)
       self._ema_update(out.counts, sums)
     return out
 
