@@ -65,3 +65,53 @@ def test_decoders_sow_the_input_of_their_last_layer():
   h = inter['intermediates']['conv_out_input'][0]
   again = nets.output_layer('sonnet', 3).apply({'params': params['params']['conv_out']}, h)
   np.testing.assert_allclose(again, out, rtol=1e-6, atol=1e-6)
+
+
+def _numpy_upsample_conv(x, k):
+  """float64 oracle: nearest x2 upsampling, zero padding 1, 3x3 cross-correlation."""
+  x = np.repeat(np.repeat(np.asarray(x, np.float64), 2, axis=1), 2, axis=2)
+  n, h, w, _ = x.shape
+  padded = np.pad(x, ((0, 0), (1, 1), (1, 1), (0, 0)))
+  out = np.zeros((n, h, w, k.shape[-1]))
+  for dy in range(3):
+    for dx in range(3):
+      out += np.einsum('nhwi,io->nhwo', padded[:, dy:dy + h, dx:dx + w], k[dy, dx])
+  return out
+
+
+@pytest.mark.parametrize('impl', ['repeat', 'phases'])
+@pytest.mark.parametrize('hw', [(1, 1), (3, 5), (4, 4)])
+def test_upsample_conv_matches_numpy(impl, hw):
+  rng = np.random.default_rng(hw[0] * 10 + hw[1])
+  x = rng.normal(size=(2, *hw, 3)).astype(np.float32)
+  k = rng.normal(size=(3, 3, 3, 4)).astype(np.float32)
+  out = nets.upsample_conv(jnp.asarray(x), jnp.asarray(k), impl=impl)
+  assert out.shape == (2, 2 * hw[0], 2 * hw[1], 4)
+  np.testing.assert_allclose(out, _numpy_upsample_conv(x, k.astype(np.float64)),
+                             rtol=1e-5, atol=1e-5)
+
+
+def test_upsample_conv_phases_gradients_equal_repeat():
+  rng = np.random.default_rng(7)
+  x = jnp.asarray(rng.normal(size=(2, 4, 6, 5)), jnp.float32)
+  k = jnp.asarray(rng.normal(size=(3, 3, 5, 3)), jnp.float32)
+  cot = jnp.asarray(rng.normal(size=(2, 8, 12, 3)), jnp.float32)
+  grads = {impl: jax.grad(lambda x, k, impl=impl: jnp.sum(
+      nets.upsample_conv(x, k, impl=impl) * cot), argnums=(0, 1))(x, k)
+           for impl in ('repeat', 'phases')}
+  for a, b in zip(grads['phases'], grads['repeat']):
+    np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5)
+
+
+def test_upsample_module_params_and_impls_agree():
+  x = jnp.asarray(np.random.default_rng(8).normal(size=(2, 4, 4, 8)), jnp.float32)
+  variables = nets.Upsample(impl='repeat').init(jax.random.PRNGKey(0), x)
+  shapes = jax.tree.map(jnp.shape, variables['params'])
+  assert shapes == {'conv': {'kernel': (3, 3, 8, 8), 'bias': (8,)}}  # as conv.Conv's
+  outs = [nets.Upsample(impl=impl).apply(variables, x) for impl in ('repeat', 'phases')]
+  np.testing.assert_allclose(outs[0], outs[1], rtol=1e-5, atol=1e-5)
+  bf16 = nets.Upsample(jnp.bfloat16, impl='phases').apply(variables, x)
+  assert bf16.dtype == jnp.bfloat16
+  np.testing.assert_allclose(bf16.astype(jnp.float32), outs[0], rtol=0.05, atol=0.05)
+  with pytest.raises(ValueError, match='impl'):
+    nets.upsample_conv(x, variables['params']['conv']['kernel'], impl='fast')

@@ -87,14 +87,67 @@ class Downsample(nn.Module):
                    name='conv')(x)
 
 
-class Upsample(nn.Module):
-  """Nearest-neighbour x2 then conv3x3."""
+# Nearest x2 upsampling then a 3x3 'SAME' conv, per output parity a (rows; b for columns):
+# the taps at high-res offsets (-1, 0, +1) read low-res rows (i-1, i, i) for a = 0 and
+# (i, i, i+1) for a = 1, so each parity is a 2x2 conv of the low-res input whose taps are
+# sums of the 3x3 taps: rows (k0, k1 + k2) for a = 0 and (k0 + k1, k2) for a = 1.
+_UPSAMPLE_TAPS = ((1., 0., 0.), (0., 1., 1.)), ((1., 1., 0.), (0., 0., 1.))  # [a, r, y]
+_UPSAMPLE_PADS = ((1, 0), (0, 1))  # low-res rows (i-1, i) for a = 0, (i, i+1) for a = 1
+
+
+def upsample_conv(x: jax.Array, kernel: jax.Array, *, impl: str = 'auto') -> jax.Array:
+  """conv3x3_same(nearest_upsample_x2(x), kernel), without bias: [N, 2H, 2W, Cout].
+
+  impl 'repeat' upsamples and convolves; 'phases' computes the four output parities as
+  2x2 convolutions of the low-res input with summed taps, the same function with 2.25x
+  fewer multiply-adds (taps are summed in float32 before the cast to x.dtype; float
+  rounding differs at ~1e-6 relative). 'auto' picks 'phases' on CPU, where it is faster
+  (benchmarks/upsample_conv.py: value and gradient at batch 64, 128 channels, 2 cores:
+  246 vs 392 ms for 16 -> 32, 43 vs 93 ms for 8 -> 16), and 'repeat' elsewhere, where it
+  has not been measured.
+  """
+  if impl == 'auto':
+    impl = 'phases' if jax.default_backend() == 'cpu' else 'repeat'
+  if impl == 'repeat':
+    x = jnp.repeat(jnp.repeat(x, 2, axis=1), 2, axis=2)
+    return conv.conv2d(x, kernel.astype(x.dtype), padding='SAME')
+  if impl != 'phases':
+    raise ValueError(f"upsample_conv impl must be 'auto', 'repeat' or 'phases'; got {impl!r}.")
+  n, h, w, _ = x.shape
+  taps = jnp.asarray(_UPSAMPLE_TAPS, jnp.float32)
+  phase_kernels = jnp.einsum('ary,bsx,yxio->abrsio', taps, taps,
+                             kernel.astype(jnp.float32)).astype(x.dtype)
+  rows = []
+  for a in (0, 1):
+    cols = [conv.conv2d(x, phase_kernels[a, b], padding=(_UPSAMPLE_PADS[a], _UPSAMPLE_PADS[b]))
+            for b in (0, 1)]
+    rows.append(jnp.stack(cols, axis=3))                      # [N, H, W, b, C]
+  return jnp.stack(rows, axis=2).reshape(n, 2 * h, 2 * w, -1)  # [N, H, a, W, b, C]
+
+
+class _UpsampleConv(nn.Module):
+  """The 3x3 conv of `Upsample`, with `conv.Conv`'s parameters ('kernel' HWIO, 'bias')."""
+  features: int
   dtype: Dtype = jnp.float32
+  impl: str = 'auto'
 
   @nn.compact
   def __call__(self, x: jax.Array) -> jax.Array:
-    x = jnp.repeat(jnp.repeat(x, 2, axis=1), 2, axis=2)
-    return conv.Conv(x.shape[-1], (3, 3), dtype=self.dtype, name='conv')(x)
+    kernel = self.param('kernel', nn.initializers.lecun_normal(),
+                        (3, 3, x.shape[-1], self.features), jnp.float32)
+    bias = self.param('bias', nn.initializers.zeros_init(), (self.features,), jnp.float32)
+    return (upsample_conv(x.astype(self.dtype), kernel, impl=self.impl)
+            + bias.astype(self.dtype))
+
+
+class Upsample(nn.Module):
+  """Nearest-neighbour x2 then conv3x3 (computed per output parity on CPU: `upsample_conv`)."""
+  dtype: Dtype = jnp.float32
+  impl: str = 'auto'
+
+  @nn.compact
+  def __call__(self, x: jax.Array) -> jax.Array:
+    return _UpsampleConv(x.shape[-1], self.dtype, self.impl, name='conv')(x)
 
 
 class TamingEncoder(nn.Module):
