@@ -110,15 +110,13 @@ def evaluate_during_training(config: ml_collections.ConfigDict, state: ts.TrainS
                              ) -> dict[str, float]:
   """Test-split evaluation at `step` (train.eval_every): every process takes part.
 
-  The metrics of `--mode=eval` (vq/evaluation.py) on the EMA/plain eval params; process 0
+  The metrics of `--mode=eval` (vq/evaluation.py) on the EMA/plain eval params, with
+  LPIPS and fd_vgg when `config.eval.lpips` (then `lpips_params` must be given); process 0
   writes eval/step_<N>.json and the numeric results as 'eval/<name>' scalars.
 
   Returns:
     The numeric results as {'eval/<name>': value}.
   """
-  if config.eval.lpips and lpips_params is None:
-    from vq import lpips  # pylint: disable=g-import-not-at-top
-    lpips_params = lpips.load_pretrained_params()
   start = time.perf_counter()
   results = {'step': int(step), **evaluation.evaluate_params(
       config, ts.eval_params(state), state.vq_stats,
@@ -214,6 +212,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
   window_steps = 0
   last: dict[str, float] = {}
   last_eval: dict[str, float] = {}
+  eval_lpips = lpips_params  # the training loss's LPIPS, or loaded once for evaluation
+  if config.train.eval_every and config.eval.lpips and eval_lpips is None:
+    from vq import lpips  # pylint: disable=g-import-not-at-top
+    eval_lpips = lpips.load_pretrained_params()
   preemption = _PreemptionFlag()
 
   def flush_window(done: int) -> None:
@@ -276,7 +278,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
         if config.train.eval_every and not stopping and (
             done % config.train.eval_every == 0 or done == num_steps):
           last_eval = evaluate_during_training(config, par.to_host(p_state), done, workdir,
-                                               writer, eval_source, lpips_params)
+                                               writer, eval_source, eval_lpips)
         if stopping:
           ckpt.wait()
           cause = preemption.requested or 'a stop signal on another process'
