@@ -92,9 +92,8 @@ def main(argv):
   logging.get_absl_handler().addFilter(_QuietLibraries())
   from vq import distributed  # pylint: disable=g-import-not-at-top
   try:
-    multi_process = (_NUM_PROCESSES.value not in (None, 1) or _COORDINATOR.value is not None
-                     or _PROCESS_ID.value is not None or distributed.launcher_in_env())
-    if not multi_process:  # before JAX starts its backends
+    if not distributed.joins_processes(_COORDINATOR.value, _NUM_PROCESSES.value,
+                                       _PROCESS_ID.value):  # before JAX starts its backends
       cpu_devices = distributed.resolve_cpu_devices(
           _CPU_DEVICES.value, [_CONFIG.value.train.batch_size, _CONFIG.value.eval.batch_size])
       logging.info('vq: the CPU platform shows %d device(s) (used if JAX runs on the CPU)',

@@ -246,3 +246,22 @@ def test_run_py_auto_cpu_devices_trains_on_one_device_per_core(tmp_path):
   assert out.returncode == 0, out.stderr[-2000:]
   assert f'CPU platform shows {expected} device(s)' in out.stderr
   assert f'{expected} local device(s)' in out.stderr
+
+
+@pytest.mark.parametrize('kwargs, env, expected', [
+    ({}, {}, False),
+    ({'num_processes': 1}, _SRUN, False),  # one process, whatever the launcher says
+    ({}, _SRUN | {'SLURM_NTASKS': '2'}, True),
+    ({'num_processes': 2}, {}, True),
+    ({'coordinator_address': 'localhost:1'}, {}, True),
+])
+def test_joins_processes_decides_what_run_py_and_initialize_do(monkeypatch, kwargs, env,
+                                                               expected):
+  for key in list(os.environ):
+    if key.startswith(('SLURM_', 'OMPI_', 'JAX_COORDINATOR', 'TPU_WORKER')):
+      monkeypatch.delenv(key)
+  for key, value in env.items():
+    monkeypatch.setenv(key, value)
+  assert distributed.joins_processes(**kwargs) is expected
+  if not expected:  # then initialize must be a no-op too
+    assert distributed.initialize(**kwargs) is False

@@ -64,6 +64,15 @@ def _as_int(value: str | None) -> int:
     return 0
 
 
+def joins_processes(coordinator_address: str | None = None, num_processes: int | None = None,
+                    process_id: int | None = None) -> bool:
+  """Whether `initialize` with these arguments joins a multi-process job (no side effects)."""
+  if num_processes == 1:
+    return False
+  given = (coordinator_address, num_processes, process_id)
+  return any(v is not None for v in given) or launcher_in_env() is not None
+
+
 def initialize(coordinator_address: str | None = None, num_processes: int | None = None,
                process_id: int | None = None) -> bool:
   """Joins this process to the job if it has several processes; see the module docstring.
@@ -85,12 +94,9 @@ def initialize(coordinator_address: str | None = None, num_processes: int | None
       0 <= process_id < num_processes):
     raise ValueError(f'--process_id={process_id} must be in [0, {num_processes}) for '
                      f'--num_processes={num_processes}; number processes 0, 1, ...')
-  if num_processes == 1:
+  if not joins_processes(coordinator_address, num_processes, process_id):
     return False
-  given = (coordinator_address, num_processes, process_id)
   launcher = launcher_in_env()
-  if all(v is None for v in given) and launcher is None:
-    return False
   if jax.distributed.is_initialized():
     return True
   _use_gloo_on_cpu()
