@@ -16,8 +16,9 @@
 # only).
 #
 # Measured on one H200 (jax 0.11.2, 2026-11-27): the runs in README.md's accelerator
-# section, in 431 s; vqgan_imagenet256 under pmap did not get through its compile in
-# the 68 s left (jit's took 65 s).
+# section. The first five took 431 s, so vqgan_imagenet256 under pmap did not get
+# through its compile in the 68 s left; alone (ONLY='imagenet256/pmap') it took 110 s.
+# All six need about 9 minutes there: split them over two calls with ONLY.
 #
 # Bounded in time: runs start in the order above and each gets what is left of
 # BUDGET_S (default 450 s, so the script ends within 8 minutes); a run that would not

@@ -28,6 +28,7 @@ def get_base_config() -> ml_collections.ConfigDict:
   c.model.ch_mult = (1, 2, 2)    # taming: channel multiplier per level (len-1 downsamplings)
   c.model.num_res_blocks = 2     # taming: ResNet blocks per level
   c.model.attn_resolutions = (8,)  # taming: feature-map sizes with self-attention
+  c.model.upsample_impl = 'auto'  # taming: decoder upsampling, nets.upsample_conv (same math)
   c.model.hidden = 128           # sonnet: conv channels
   c.model.res_hidden = 32        # sonnet: residual-block bottleneck channels
   c.model.num_res_layers = 2     # sonnet: residual blocks

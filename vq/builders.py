@@ -49,7 +49,8 @@ def build_tokenizer(config: ml_collections.ConfigDict,
                   attn_resolutions=tuple(m.attn_resolutions),
                   resolution=config.data.image_size, dtype=dtype)
     encoder = nets.TamingEncoder(z_channels=q.code_dim, **common)
-    decoder = nets.TamingDecoder(out_channels=3, **common)
+    decoder = nets.TamingDecoder(out_channels=3, upsample_impl=m.get('upsample_impl', 'auto'),
+                                 **common)
   else:
     raise ValueError(f"config.model.arch={m.arch!r} is unknown; choose 'sonnet' or 'taming'.")
   quantizer = build_quantizer(q, axis_name=axis_name)

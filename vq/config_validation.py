@@ -39,6 +39,7 @@ DISC_NORMS = ('group', 'layer', 'none')
 SCHEDULES = ('constant', 'cosine')
 DTYPES = ('float32', 'bfloat16')
 PARALLEL = ('pmap', 'jit')
+UPSAMPLE_IMPLS = ('auto', 'repeat', 'phases')
 
 
 class ConfigError(ValueError):
@@ -81,6 +82,7 @@ def validate(config: ml_collections.ConfigDict, *, num_devices: int,
   _choice(c, 'objective', OBJECTIVES)
   _choice(c, 'model.arch', ARCHS)
   _choice(c, 'model.dtype', DTYPES)
+  _choice(c, 'model.upsample_impl', UPSAMPLE_IMPLS)
   _choice(c, 'quantizer.kind', QUANTIZER_KINDS)
   _choice(c, 'loss.recon', RECON_LOSSES)
   _choice(c, 'train.schedule', SCHEDULES)

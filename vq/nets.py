@@ -199,6 +199,7 @@ class TamingDecoder(nn.Module):
   out_channels: int = 3
   resolution: int = 32
   dtype: Dtype = jnp.float32
+  upsample_impl: str = 'auto'  # `upsample_conv`'s impl: the same function either way
 
   @nn.compact
   def __call__(self, z: jax.Array) -> jax.Array:
@@ -216,7 +217,7 @@ class TamingDecoder(nn.Module):
         if res in self.attn_resolutions:
           h = AttnBlock(self.dtype, name=f'up{level}_attn{i}')(h)
       if level != 0:
-        h = Upsample(self.dtype, name=f'up{level}_upsample')(h)
+        h = Upsample(self.dtype, self.upsample_impl, name=f'up{level}_upsample')(h)
         res *= 2
     h = nn.swish(_group_norm('norm_out', self.dtype)(h))
     self.sow('intermediates', 'conv_out_input', h)
