@@ -73,6 +73,7 @@ BAD_CONFIGS = {
     'unknown_quantizer': (_bad('quantizer.kind', 'fsqq'), r"quantizer.kind='fsqq' is unknown"),
     'unknown_recon_loss': (_bad('loss.recon', 'l3'), r"loss.recon='l3' is unknown"),
     'unknown_dtype': (_bad('model.dtype', 'float16'), r"model.dtype='float16' is unknown"),
+    'unknown_upsample_impl': (_bad('model.upsample_impl', 'fast'), r"model.upsample_impl='fast' is unknown.*'phases'"),
     'unknown_schedule': (_bad('train.schedule', 'linear'), r"train.schedule='linear'"),
     'batch_not_divisible': (_bad('train.batch_size', 6), r'train.batch_size=6 is not divisible by the 4 devices'),
     'eval_batch_not_divisible': (_bad('eval.batch_size', 10), r'eval.batch_size=10 is not divisible'),

@@ -115,3 +115,18 @@ def test_upsample_module_params_and_impls_agree():
   np.testing.assert_allclose(bf16.astype(jnp.float32), outs[0], rtol=0.05, atol=0.05)
   with pytest.raises(ValueError, match='impl'):
     nets.upsample_conv(x, variables['params']['conv']['kernel'], impl='fast')
+
+
+def test_taming_decoder_upsample_impls_agree():
+  """`model.upsample_impl` only picks how the decoder computes the same function."""
+  dec = {impl: nets.TamingDecoder(ch=32, ch_mult=(1, 2), num_res_blocks=1, attn_resolutions=(),
+                                  resolution=8, upsample_impl=impl)
+         for impl in ('repeat', 'phases')}
+  z = jnp.asarray(np.random.default_rng(9).normal(size=(2, 4, 4, 8)), jnp.float32)
+  variables = dec['repeat'].init(jax.random.PRNGKey(0), z)
+  outs = [dec[impl].apply(variables, z) for impl in ('repeat', 'phases')]
+  assert outs[0].shape == (2, 8, 8, 3)
+  np.testing.assert_allclose(outs[0], outs[1], rtol=1e-4, atol=1e-5)
+  convs = {impl: str(jax.make_jaxpr(dec[impl].apply)(variables, z)).count('conv_general_dilated')
+           for impl in dec}
+  assert convs['phases'] == convs['repeat'] + 3  # the one upsampling conv became four
