@@ -202,6 +202,17 @@ def _image_to_blocks(y: Array, g: _Geometry) -> Array:
   return y.transpose(0, 2, 1, 3, 4, 5).reshape(num_b * num_r, -1, y.shape[-1])
 
 
+def _kernel_grad_t(cols: Array, dy: Array) -> Array:
+  """dy^T cols: [cout, kh*kw*cin], the transposed kernel gradient of one block, in f32.
+
+  Transposed because XLA:CPU's matmul is 2.5x faster with the few output channels as
+  rows: contracting 32768 pixels, [64, 576] took 18 ms against 47 ms for [576, 64] on one
+  core (the im2col kernel gradient of taming's 3x3 64->64 conv at 32x32, batch 32).
+  """
+  return jax.lax.dot_general(dy, cols, (((0,), (0,)), ((), ())),
+                             preferred_element_type=jnp.float32)
+
+
 @functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
 def _blocked_im2col(xp: Array, wm: Array, g: _Geometry) -> Array:
   """Convolution of the padded input `xp` with the [kh*kw*cin, cout] matrix `wm`."""
@@ -231,8 +242,7 @@ def _blocked_im2col_bwd(g: _Geometry, residuals, dy: Array):
   def block(index, dy_block):
     xb = _block_input(xp, index, g)
     cols, cols_vjp = jax.vjp(lambda xb: _cols(xb, g), xb)
-    dw = jax.lax.dot_general(cols, dy_block, (((0,), (0,)), ((), ())),
-                             preferred_element_type=jnp.float32)
+    dw = _kernel_grad_t(cols, dy_block)
     dcols = jnp.dot(dy_block, wm.T, preferred_element_type=acc).astype(xp.dtype)
     return dw, cols_vjp(dcols)[0]
 
@@ -241,7 +251,7 @@ def _blocked_im2col_bwd(g: _Geometry, residuals, dy: Array):
     def body(dw_sum, inputs):
       dw, dxb = block(*inputs)
       return dw_sum + dw, dxb
-    dw, dxb = jax.lax.scan(body, jnp.zeros(wm.shape, jnp.float32),
+    dw, dxb = jax.lax.scan(body, jnp.zeros(wm.shape[::-1], jnp.float32),
                            (jnp.arange(num_b), dyb))
     dxp = dxb.reshape((xp.shape[0],) + dxb.shape[2:])
     # Trailing rows that no output window reaches get no gradient.
@@ -257,9 +267,9 @@ def _blocked_im2col_bwd(g: _Geometry, residuals, dy: Array):
           dxp, jax.lax.dynamic_slice(dxp, start, dxb.shape) + dxb, start)
       return (dw_sum + dw, dxp), None
     (dw, dxp), _ = jax.lax.scan(
-        body, (jnp.zeros(wm.shape, jnp.float32), jnp.zeros_like(xp)),
+        body, (jnp.zeros(wm.shape[::-1], jnp.float32), jnp.zeros_like(xp)),
         (jnp.arange(num_b * num_r), dyb))
-  return dxp, dw.astype(wm.dtype)
+  return dxp, dw.T.astype(wm.dtype)
 
 
 _blocked_im2col.defvjp(_blocked_im2col_fwd, _blocked_im2col_bwd)
@@ -298,13 +308,12 @@ def _mixed_conv_bwd(strides, pads, residuals, dy):
   def body(dw_sum, inputs):
     index, dy_block = inputs
     cols = _cols(_block_input(xp, index, g), g)
-    return dw_sum + jax.lax.dot_general(cols, dy_block, (((0,), (0,)), ((), ())),
-                                        preferred_element_type=jnp.float32), None
+    return dw_sum + _kernel_grad_t(cols, dy_block), None
 
-  dw_shape = (g.kh * g.kw * x.shape[-1], kernel.shape[-1])
-  dw, _ = jax.lax.scan(body, jnp.zeros(dw_shape, jnp.float32),
-                       (jnp.arange(num_b * num_r), _image_to_blocks(dy.astype(x.dtype), g)))
-  return dx, dw.reshape(kernel.shape).astype(kernel.dtype)
+  dw_t_shape = (kernel.shape[-1], g.kh * g.kw * x.shape[-1])
+  dw_t, _ = jax.lax.scan(body, jnp.zeros(dw_t_shape, jnp.float32),
+                         (jnp.arange(num_b * num_r), _image_to_blocks(dy.astype(x.dtype), g)))
+  return dx, dw_t.T.reshape(kernel.shape).astype(kernel.dtype)
 
 
 _mixed_conv.defvjp(_mixed_conv_fwd, _mixed_conv_bwd)

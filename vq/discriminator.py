@@ -28,6 +28,8 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from vq import norms
+
 NORMS = ('group', 'layer', 'none')
 _MAX_GROUPS = 32
 
@@ -45,7 +47,7 @@ def _norm_layer(norm: str, channels: int, dtype: Any) -> Callable[..., Any]:
                 scale_init=_normal_around_one(0.02))
   if norm == 'group':
     # The largest group count <= 32 dividing the channels (ndf may be small).
-    return nn.GroupNorm(num_groups=math.gcd(_MAX_GROUPS, channels), **common)
+    return norms.GroupNorm(num_groups=math.gcd(_MAX_GROUPS, channels), **common)
   if norm == 'layer':
     # Statistics over H, W and C of each example (GroupNorm with one group),
     # with a per-channel scale and bias as in the other norms.

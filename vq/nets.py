@@ -33,14 +33,15 @@ import jax
 import jax.numpy as jnp
 
 from vq import conv
+from vq import norms
 
 Dtype = Any
 
 
-def _group_norm(name: str, dtype: Dtype) -> nn.GroupNorm:
+def _group_norm(name: str, dtype: Dtype) -> norms.GroupNorm:
   # taming: 32 groups, eps 1e-6; statistics in float32 even in bfloat16 nets.
-  return nn.GroupNorm(num_groups=32, epsilon=1e-6, dtype=dtype, param_dtype=jnp.float32,
-                      name=name)
+  return norms.GroupNorm(num_groups=32, epsilon=1e-6, dtype=dtype, param_dtype=jnp.float32,
+                         name=name)
 
 
 class ResnetBlock(nn.Module):

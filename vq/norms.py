@@ -1,0 +1,100 @@
+"""GroupNorm with `flax.linen.GroupNorm`'s parameters, written to be fast on XLA:CPU.
+
+Usage sketch::
+
+  from vq import norms
+
+  layer = norms.GroupNorm(num_groups=32, epsilon=1e-6)   # params 'scale' [C], 'bias' [C]
+  y = layer.apply(layer.init(rng, x), x)                 # x: [N, ..., C]
+  y = norms.group_norm(x, scale, bias, num_groups=32, epsilon=1e-6)
+
+The same function as `flax.linen.GroupNorm` (with a two-pass variance, where flax by
+default uses E[x^2] - E[x]^2), computed so that XLA:CPU emits only simple loops:
+- statistics are reduced over the spatial axes per channel first ([N, C]), then per group
+  by a matmul with the 0/1 group-membership matrix, and spread back to channels by
+  another; XLA fuses the naive reshape-to-groups broadcasts into every elementwise
+  consumer as per-element index arithmetic, and reduces over split channel axes slowly;
+- the normalisation is one multiply-add per element, `x * a + b`, with per-example,
+  per-channel `a = scale * rstd` and `b = bias - mean * a`.
+On one core (batch 32, float32; value and gradient of GroupNorm(32) then swish,
+`python -m benchmarks.group_norm`) this took 8.3 ms against flax's 20.7 ms at 32x32x64,
+and 4.1 against 6.9 ms at 16x16x128. Statistics are float32 for any input dtype.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+Dtype = Any
+
+
+def _membership(num_groups: int, channels: int) -> jax.Array:
+  """[G, C] 0/1 matrix: row g has ones at the channels of group g."""
+  return jnp.repeat(jnp.eye(num_groups, dtype=jnp.float32), channels // num_groups, axis=1)
+
+
+def group_norm(x: jax.Array, scale: jax.Array | None, bias: jax.Array | None, *,
+               num_groups: int, epsilon: float = 1e-6) -> jax.Array:
+  """Normalises each example of x [N, ..., C] over its spatial axes and channel groups.
+
+  Returns float32 (cast as needed): (x - mean) / sqrt(var + epsilon) * scale + bias, with
+  mean and (biased) var over the spatial axes and the C / num_groups channels of a group.
+  """
+  channels = x.shape[-1]
+  if channels % num_groups:
+    raise ValueError(f'GroupNorm: {channels} channels do not split into {num_groups} groups; '
+                     'use a channel count divisible by num_groups.')
+  axes = tuple(range(1, x.ndim - 1))
+  per_group = jnp.float32(channels // num_groups)
+  member = _membership(num_groups, channels)
+
+  def to_channels(per_channel):  # [N, C] channel means -> [N, C] means of their group
+    groups = jnp.dot(per_channel, member.T, precision=jax.lax.Precision.HIGHEST) / per_group
+    return groups, jnp.dot(groups, member, precision=jax.lax.Precision.HIGHEST)
+
+  x32 = x.astype(jnp.float32)
+  _, mean = to_channels(jnp.mean(x32, axis=axes))
+  spread = (slice(None),) + (None,) * len(axes) + (slice(None),)  # [N, C] -> [N, 1.., C]
+  var_groups, _ = to_channels(jnp.mean(jnp.square(x32 - mean[spread]), axis=axes))
+  rstd = jnp.dot(jax.lax.rsqrt(var_groups + epsilon), member,
+                 precision=jax.lax.Precision.HIGHEST)
+  a = rstd if scale is None else rstd * scale.astype(jnp.float32)
+  b = -mean * a
+  if bias is not None:
+    b = b + bias.astype(jnp.float32)
+  return x32 * a[spread] + b[spread]
+
+
+class GroupNorm(nn.Module):
+  """`flax.linen.GroupNorm` (feature axis -1, per-example statistics), see `group_norm`.
+
+  Attributes:
+    num_groups: channel groups; must divide the channel count.
+    epsilon: added to the variance.
+    dtype: output dtype (statistics and normalisation are float32).
+    param_dtype: dtype of 'scale' and 'bias'.
+    use_scale, use_bias: whether to learn them.
+    scale_init, bias_init: their initialisers (ones, zeros).
+  """
+  num_groups: int = 32
+  epsilon: float = 1e-6
+  dtype: Dtype = jnp.float32
+  param_dtype: Dtype = jnp.float32
+  use_scale: bool = True
+  use_bias: bool = True
+  scale_init: Callable[..., jax.Array] = nn.initializers.ones
+  bias_init: Callable[..., jax.Array] = nn.initializers.zeros
+
+  @nn.compact
+  def __call__(self, x: jax.Array) -> jax.Array:
+    channels = x.shape[-1]
+    scale = (self.param('scale', self.scale_init, (channels,), self.param_dtype)
+             if self.use_scale else None)
+    bias = (self.param('bias', self.bias_init, (channels,), self.param_dtype)
+            if self.use_bias else None)
+    y = group_norm(x, scale, bias, num_groups=self.num_groups, epsilon=self.epsilon)
+    return y.astype(self.dtype)
