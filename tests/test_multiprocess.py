@@ -229,6 +229,23 @@ def test_set_cpu_devices_before_jax_starts_and_xla_flags_win():
   assert _device_count_after('--xla_force_host_platform_device_count=2', 3) == ['2', '2']
 
 
+@pytest.mark.parametrize('cores, count, existing, single_threaded', [
+    (2, 2, '', True),    # a device per core: Eigen's own threads switched off
+    (4, 2, '', False),   # spare cores: Eigen may use them
+    (2, 2, '--xla_cpu_multi_thread_eigen=true', False),  # the user's choice stays
+])
+def test_set_cpu_devices_turns_off_eigen_threads_only_with_a_device_per_core(
+    monkeypatch, cores, count, existing, single_threaded):
+  monkeypatch.setattr(distributed, 'available_cores', lambda: cores)
+  monkeypatch.setenv('XLA_FLAGS', existing)
+  assert distributed.set_cpu_devices(count) == count
+  flags = os.environ['XLA_FLAGS'].split()
+  assert f'--xla_force_host_platform_device_count={count}' in flags
+  assert ('--xla_cpu_multi_thread_eigen=false' in flags) == single_threaded
+  assert sum(f.startswith('--xla_cpu_multi_thread_eigen') for f in flags) == bool(
+      existing or single_threaded)
+
+
 def test_run_py_auto_cpu_devices_trains_on_one_device_per_core(tmp_path):
   """run.py splits the smoke batch over the CPU devices 'auto' picks (2 on 2 cores)."""
   from experiments import vqvae_cifar  # pylint: disable=g-import-not-at-top

@@ -119,6 +119,7 @@ def _use_gloo_on_cpu() -> None:
 # --- One XLA device per CPU core (single-process CPU runs) ---
 
 _CPU_DEVICES_FLAG = '--xla_force_host_platform_device_count'
+_EIGEN_THREADS_FLAG = '--xla_cpu_multi_thread_eigen'
 
 
 def available_cores() -> int:
@@ -175,6 +176,11 @@ def set_cpu_devices(count: int) -> int:
   existing = cpu_devices_in_xla_flags()
   if existing is not None:
     return existing
-  os.environ['XLA_FLAGS'] = (os.environ.get('XLA_FLAGS', '') + f' {_CPU_DEVICES_FLAG}={count}'
-                             ).strip()
+  flags = os.environ.get('XLA_FLAGS', '').split() + [f'{_CPU_DEVICES_FLAG}={count}']
+  if count >= available_cores() and not any(f.startswith(_EIGEN_THREADS_FLAG) for f in flags):
+    # Each device already has a core: Eigen's intra-op threads (XLA:CPU's non-YNNPACK
+    # matmuls) would only contend with the other devices. Measured on 2 cores, taming
+    # VQ-VAE step, 2 devices: 24.4 / 23.8 vs 23.3 / 23.2 images/s (two interleaved pairs).
+    flags.append(f'{_EIGEN_THREADS_FLAG}=false')
+  os.environ['XLA_FLAGS'] = ' '.join(flags)
   return count
