@@ -1,11 +1,13 @@
 """Speed of `vq.norms.GroupNorm` against `flax.linen.GroupNorm`, each followed by swish.
 
   python -m benchmarks.group_norm --reps=9
+  python -m benchmarks.group_norm --shapes=imagenet256 --dtype=bfloat16   # on a GPU
 
 Times jit(vjp) of swish(GroupNorm(32)(x)) (the value and the gradient with respect to x,
 scale and bias for a random cotangent) and the forward alone, at the shapes of taming's
-CIFAR network on one device (batch 32: 32x32x64, 16x16x128, 8x8x128), the two
-implementations interleaved. Prints one JSON line per shape (median ms) with the max
+CIFAR network on one of two CPU devices (--shapes=cifar, batch 32: 32x32x64, 16x16x128,
+8x8x128) or of the 256x256 network on one accelerator (--shapes=imagenet256, batch 16:
+256x256x128 down to 16x16x512), the two implementations interleaved. Prints one JSON line per shape (median ms) with the max
 relative difference of their outputs and gradients.
 """
 
@@ -22,10 +24,16 @@ import numpy as np
 
 from vq import norms
 
-_BATCH_SIZE = flags.DEFINE_integer('batch_size', 32, 'Images per call.')
+_SHAPES = flags.DEFINE_enum('shapes', 'cifar', ['cifar', 'imagenet256'],
+                            "Which config's GroupNorm inputs to time.")
+_BATCH_SIZE = flags.DEFINE_integer('batch_size', None,
+                                   'Images per call (default: 32 cifar, 16 imagenet256).')
 _REPS = flags.DEFINE_integer('reps', 9, 'Timed runs per implementation (median is kept).')
 _DTYPE = flags.DEFINE_enum('dtype', 'float32', ['float32', 'bfloat16'], 'Input dtype.')
-SHAPES = ((32, 64), (16, 128), (8, 128))  # (size, channels)
+SHAPES = {  # (size, channels)
+    'cifar': ((32, 64), (16, 128), (8, 128)),
+    'imagenet256': ((256, 128), (128, 128), (64, 256), (32, 256), (16, 512)),
+}
 
 
 def _layers(dtype):
@@ -37,8 +45,9 @@ def main(argv):
   del argv
   rng = np.random.default_rng(0)
   dtype = jnp.dtype(_DTYPE.value)
-  for size, channels in SHAPES:
-    shape = (_BATCH_SIZE.value, size, size, channels)
+  batch_size = _BATCH_SIZE.value or (32 if _SHAPES.value == 'cifar' else 16)
+  for size, channels in SHAPES[_SHAPES.value]:
+    shape = (batch_size, size, size, channels)
     x = jnp.asarray(rng.normal(size=shape) * 2 + 0.5, dtype)
     cot = jnp.asarray(rng.normal(size=shape), dtype)
     params = {'scale': jnp.asarray(1 + 0.1 * rng.normal(size=channels), jnp.float32),

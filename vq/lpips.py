@@ -176,14 +176,15 @@ class LPIPS(nn.Module):
       raise ValueError(f'LPIPS needs x and y of the same shape, got {x.shape} and {y.shape}; '
                        'resize or crop one to match the other.')
     _check_images(x, 'x and y')
-    # One pass over the joint batch: bigger matmuls and a single trace of the network.
-    feats = [_unit_normalise(f) for f in self._vgg(jnp.concatenate([x, y], axis=0))]
-    n = x.shape[0]
-    dist = jnp.zeros((n,), jnp.float32)
-    for feat, lin in zip(feats, self.lins):
+    # Two VGG passes, not one over the joint batch: differentiated with respect to x (the
+    # training loss), a joint pass would also backpropagate through y's half of every
+    # layer. Value and gradient at 32 images of 32x32, one core: 548-556 ms vs 736-822 ms.
+    feats_x = [_unit_normalise(f) for f in self._vgg(x)]
+    feats_y = [_unit_normalise(f) for f in self._vgg(y)]
+    dist = jnp.zeros((x.shape[0],), jnp.float32)
+    for fx, fy, lin in zip(feats_x, feats_y, self.lins):
       # The heads are linear, so averaging over space first saves a [N, h, w, C] product.
-      mean_sq_diff = jnp.mean(jnp.square(feat[:n] - feat[n:]), axis=(1, 2))
-      dist = dist + mean_sq_diff @ lin
+      dist = dist + jnp.mean(jnp.square(fx - fy), axis=(1, 2)) @ lin
     return dist
 
   def features(self, x: jax.Array) -> list[jax.Array]:
@@ -215,6 +216,7 @@ class LPIPS(nn.Module):
     """LPIPS distance and both inputs' `pooled_features`, from one VGG pass of the joint batch.
 
     Evaluation needs all three; separate calls would run VGG16 three times on the same images.
+    (Not for a loss to differentiate: see `__call__`.)
 
     Args:
       x: [N, H, W, 3] images in [-1, 1], H and W at least 16.
