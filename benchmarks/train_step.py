@@ -299,6 +299,9 @@ def _time_against_peer(config: ml_collections.ConfigDict, overrides: dict) -> di
       'peer_step_s_median': peer_s,
       'ours_step_s_min': float(np.min(ours_times)),
       'peer_step_s_min': float(np.min(peer_times)),
+      # Per round; rounds alternate which side goes first (odd rounds: the peer).
+      'ours_step_s': [round(t, 4) for t in ours_times],
+      'peer_step_s': [round(t, 4) for t in peer_times],
       'ours_compile_plus_first_step_s': ours.compile_s,
       'peer_first_step_s': peer_first_s,
       'timed_rounds': len(ours_times),
