@@ -60,7 +60,10 @@ def select_impl(impl: str, kernel_shape: Sequence[int], strides: Sequence[int],
     im2col gather and matmul are slower, -> 'mixed' (gradient 1.1-1.8x faster).
   - stride-1 convolutions with outputs of at least 16x16 and at least 64 input and output
     channels -> 'mixed' (XLA's forward and input gradient, im2col kernel gradient): XLA's
-    kernel gradient slows down with spatial size; gradient 1.1-1.6x faster.
+    kernel gradient slows down with spatial size; gradient 1.1-1.6x faster, measured before
+    `_kernel_grad_t` transposed the kernel-gradient matmul, which made the kernel gradient
+    alone 1.6-1.9x faster again (3x3 at batch 32, one core: 64->64 at 32x32 34 vs 74 ms
+    for XLA's, 128->128 at 16x16 24 vs 41 ms). At 8x8 the two are equal (5.4-5.5 ms).
   Everything else (3x3 convs at 8x8, 4x4 stride-2 'SAME' convs, convs with few input or
   output channels) stays on XLA's convolution, which beat im2col there by up to 4x.
   On GPU/TPU the vendor convolutions are fast, so 'auto' is always 'xla'.
