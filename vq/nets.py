@@ -26,6 +26,7 @@ gradient with respect to that layer.
 
 from __future__ import annotations
 
+import functools
 from typing import Any, Sequence
 
 import flax.linen as nn
@@ -60,6 +61,47 @@ class ResnetBlock(nn.Module):
     return x + h
 
 
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
+def _matmul(x: jax.Array, w: jax.Array, precision) -> jax.Array:
+  return jnp.dot(x, w, precision=precision)
+
+
+def _matmul_fwd(x, w, precision):
+  return _matmul(x, w, precision), (x, w)
+
+
+def _matmul_bwd(precision, residuals, g):
+  x, w = residuals
+  # The weight gradient as g^T x ([N, K], rows first) rather than x^T g: XLA:CPU otherwise
+  # transposes x in a loop fused with everything that produced it (the GroupNorm before
+  # the attention's qkv projection: about 13 ms per block at 8x8x128, batch 32).
+  dw_t = jax.lax.dot_general(g.reshape(-1, g.shape[-1]), x.reshape(-1, x.shape[-1]),
+                             (((0,), (0,)), ((), ())), precision=precision,
+                             preferred_element_type=jnp.float32)
+  return jnp.dot(g, w.T, precision=precision), dw_t.T.astype(w.dtype)
+
+
+_matmul.defvjp(_matmul_fwd, _matmul_bwd)
+
+
+def dense_dot_general(x: jax.Array, w: jax.Array, dimension_numbers, precision=None,
+                      preferred_element_type=None) -> jax.Array:
+  """`nn.Dense`'s `dot_general` (x [..., K] times w [K, N]) with a CPU-friendly gradient.
+
+  The same values and gradients as `lax.dot_general`; only the weight gradient is
+  computed transposed (see `_matmul_bwd`). On one core, batch 32, the taming CIFAR
+  VQ-VAE step's five attention blocks went from 167 to 86 ms and the step from 2.54 to
+  2.45 s (jax.profiler traces, back to back).
+  """
+  ((x_contract,), (w_contract,)), batch = dimension_numbers
+  if x_contract != x.ndim - 1 or w_contract != 0 or batch != ((), ()) or w.ndim != 2:
+    raise ValueError(f'dense_dot_general handles x [..., K] times w [K, N] only; got '
+                     f'dimension_numbers={dimension_numbers!r} for shapes {x.shape}, {w.shape}.')
+  if preferred_element_type is not None:
+    x, w = x.astype(preferred_element_type), w.astype(preferred_element_type)
+  return _matmul(x, w, precision)
+
+
 class AttnBlock(nn.Module):
   """Single-head self-attention over all spatial positions (taming's AttnBlock)."""
   dtype: Dtype = jnp.float32
@@ -68,12 +110,13 @@ class AttnBlock(nn.Module):
   def __call__(self, x: jax.Array) -> jax.Array:
     n, h, w, c = x.shape
     y = _group_norm('norm', self.dtype)(x)
-    qkv = nn.Dense(3 * c, dtype=self.dtype, name='qkv')(y.reshape(n, h * w, c))
+    qkv = nn.Dense(3 * c, dtype=self.dtype, dot_general=dense_dot_general,
+                   name='qkv')(y.reshape(n, h * w, c))
     q, k, v = jnp.split(qkv, 3, axis=-1)
     logits = jnp.einsum('nqc,nkc->nqk', q, k).astype(jnp.float32) * (c ** -0.5)
     attn = jax.nn.softmax(logits, axis=-1).astype(self.dtype)
     y = jnp.einsum('nqk,nkc->nqc', attn, v)
-    y = nn.Dense(c, dtype=self.dtype, name='proj_out')(y)
+    y = nn.Dense(c, dtype=self.dtype, dot_general=dense_dot_general, name='proj_out')(y)
     return x + y.reshape(n, h, w, c)
 
 
