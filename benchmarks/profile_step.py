@@ -1,0 +1,167 @@
+"""Where the train step's time goes on a CPU: per-category milliseconds from a jax.profiler trace.
+
+  taskset -c 0 python -m benchmarks.profile_step --config=experiments/vqgan_cifar.py \\
+      --config.objective=vqvae --per_device_batch=32
+
+Compiles the step on one CPU device (XLA_FLAGS is set here, before JAX starts) with
+`--per_device_batch` random images, runs `--warmup` steps, times `--steps` more, then
+records `--traced` steps with `jax.profiler` (a Perfetto trace) and maps every XLA thunk in
+it back to the JAX operation that produced it (the compiled HLO's `op_name` metadata). It
+prints one JSON line: the step time, milliseconds per step for each category below, and the
+`--top` costliest thunks. Categories, from the op_name: 'conv forward', 'conv input
+gradient' (XLA/YNNPACK convolutions), 'conv kernel gradient and im2col' (the rest of a conv
+layer's backward: vq.conv's blocked im2col matmuls, slices, pads), 'conv forward other' (bias
+adds, im2col forward), 'groupnorm', 'swish', 'attention', 'lpips', 'discriminator',
+'quantizer', 'other'. A `while` thunk's time is its body's, so it is not counted again.
+
+Measured with it (2-core dev CPU, one core via taskset, batch 32, 2026-11-27): see README,
+Speed. On other machines thunk names may differ; the categories depend only on op_name.
+"""
+
+import collections
+import functools
+import glob
+import gzip
+import json
+import os
+import re
+import statistics
+import sys
+import tempfile
+import time
+
+from absl import app
+from absl import flags
+from ml_collections import config_flags
+
+_CONFIG = config_flags.DEFINE_config_file('config', None, 'Experiment config file.',
+                                          lock_config=False)
+_PER_DEVICE_BATCH = flags.DEFINE_integer('per_device_batch', 32, 'Images in the step.')
+_WARMUP = flags.DEFINE_integer('warmup', 2, 'Untimed steps after the compile.')
+_STEPS = flags.DEFINE_integer('steps', 3, 'Timed steps (median reported).')
+_TRACED = flags.DEFINE_integer('traced', 2, 'Steps recorded by the profiler (averaged).')
+_TOP = flags.DEFINE_integer('top', 10, 'Costliest thunks to list.')
+_LPIPS = flags.DEFINE_enum('lpips', 'random', ['random', 'pretrained'],
+                           "VQ-GAN's LPIPS weights (the same work either way).")
+
+_CONV_LAYER = re.compile(r'/conv\d?/|/conv_in/|/conv_out/|nin_shortcut|upsample/conv|'
+                         r'downsample|/Conv_\d|/conv\d_\d')
+_SKIP = ('ThunkExecutor', '$', 'PjitFunction', 'CommonPjRt', 'ParseArguments', 'end:',
+         'while', 'Handle inputs', 'AllocateOutput')
+
+
+def category(op_name: str) -> str:
+  """The category of one XLA operation, from its JAX op_name metadata."""
+  backward = 'transpose(' in op_name
+  if re.search(r'LPIPS|lpips', op_name):
+    return 'lpips'
+  if re.search(r'[Dd]iscriminator|PatchGAN', op_name):
+    return 'discriminator'
+  if op_name.endswith('conv_general_dilated'):
+    return 'conv input gradient' if backward else 'conv forward'
+  if _CONV_LAYER.search(op_name):
+    return 'conv kernel gradient and im2col' if backward else 'conv forward other'
+  if 'attn' in op_name:
+    return 'attention'
+  if 'quantizer' in op_name.lower():
+    return 'quantizer'
+  if re.search(r'norm', op_name):
+    return 'groupnorm'
+  if re.search(r'silu|swish', op_name):
+    return 'swish'
+  return 'other'
+
+
+def op_names(hlo_text: str) -> dict[str, str]:
+  """HLO instruction name -> op_name metadata (instructions without metadata are left out)."""
+  names = {}
+  for line in hlo_text.splitlines():
+    m = re.match(r'\s*(?:ROOT )?%(\S+) = .*?op_name="([^"]*)"', line)
+    if m:
+      names.setdefault(m.group(1), m.group(2))
+  return names
+
+
+def thunk_times(trace_dir: str) -> dict[str, float]:
+  """Summed microseconds per thunk name in the Perfetto trace under `trace_dir`."""
+  paths = glob.glob(os.path.join(trace_dir, '**', '*.trace.json.gz'), recursive=True)
+  if not paths:
+    raise FileNotFoundError(f'no *.trace.json.gz under {trace_dir}: the profiler wrote none.')
+  with gzip.open(paths[0]) as f:
+    trace = json.load(f)
+  events = trace['traceEvents'] if isinstance(trace, dict) else trace
+  out = collections.Counter()
+  for e in events:
+    if e.get('ph') == 'X' and not e['name'].startswith(_SKIP) and 'block_until' not in e['name']:
+      out[e['name']] += e['dur']
+  return out
+
+
+def main(argv):
+  del argv
+  flags_now = os.environ.get('XLA_FLAGS', '')
+  if 'jax' in sys.modules and 'xla_force_host_platform_device_count' not in flags_now:
+    raise app.UsageError('benchmarks.profile_step must set XLA_FLAGS before JAX starts.')
+  os.environ['XLA_FLAGS'] = (flags_now + ' --xla_force_host_platform_device_count=1').strip()
+  import jax  # pylint: disable=g-import-not-at-top
+  import numpy as np  # pylint: disable=g-import-not-at-top
+  from vq import lpips  # pylint: disable=g-import-not-at-top
+  from vq import parallel  # pylint: disable=g-import-not-at-top
+  from vq import train_state as ts  # pylint: disable=g-import-not-at-top
+  from vq import train_step as steps  # pylint: disable=g-import-not-at-top
+
+  config = _CONFIG.value
+  size, batch = config.data.image_size, _PER_DEVICE_BATCH.value
+  config.train.batch_size = config.eval.batch_size = batch
+  if config.objective == 'vqgan':  # the full generator + discriminator step
+    config.loss.disc_start, config.loss.disc_warmup = 0, 0
+  lpips_params = None
+  if ts.uses_lpips(config):
+    lpips_params = (lpips.random_params() if _LPIPS.value == 'random'
+                    else lpips.load_pretrained_params())
+  state = ts.create_train_state(config, ts.init_key(config.seed), (size, size, 3), lpips_params)
+  par = parallel.get('pmap')
+  p_step = par.step(functools.partial(steps.train_step,
+                                      settings=steps.StepSettings.from_config(config)))
+  p_state, p_rng = par.replicate(state), par.replicate(jax.random.PRNGKey(0))
+  images = np.random.default_rng(0).uniform(-1, 1, (1, batch, size, size, 3)).astype(np.float32)
+  p_batch = par.shard({'image': images})
+  compiled = p_step.lower(p_state, p_batch, p_rng).compile()
+
+  def run():
+    nonlocal p_state
+    p_state, metrics = compiled(p_state, p_batch, p_rng)
+    jax.block_until_ready(metrics)
+
+  for _ in range(1 + _WARMUP.value):
+    run()
+  times = []
+  for _ in range(_STEPS.value):
+    start = time.perf_counter()
+    run()
+    times.append(time.perf_counter() - start)
+  with tempfile.TemporaryDirectory() as trace_dir:
+    jax.profiler.start_trace(trace_dir, create_perfetto_trace=True)
+    for _ in range(_TRACED.value):
+      run()
+    jax.profiler.stop_trace()
+    per_thunk = thunk_times(trace_dir)
+  names = op_names(compiled.as_text())
+  per_category = collections.Counter()
+  for thunk, us in per_thunk.items():
+    per_category[category(names.get(thunk, ''))] += us
+  scale = 1e-3 / _TRACED.value  # microseconds over all traced steps -> ms per step
+  print(json.dumps({
+      'config': config_flags.get_config_filename(flags.FLAGS['config']),
+      'objective': config.objective, 'per_device_batch': batch,
+      'step_s_median': statistics.median(times),
+      'traced_ms_per_step': round(sum(per_thunk.values()) * scale, 1),
+      'ms_per_step': {k: round(v * scale, 1) for k, v in per_category.most_common()},
+      'top_thunks': [{'thunk': t, 'ms': round(us * scale, 1), 'op_name': names.get(t, '')[-90:]}
+                     for t, us in per_thunk.most_common(_TOP.value)],
+      'xla_flags': os.environ['XLA_FLAGS'],
+      'device_kind': jax.devices()[0].device_kind}))
+
+
+if __name__ == '__main__':
+  app.run(main)
