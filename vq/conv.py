@@ -61,7 +61,7 @@ def select_impl(impl: str, kernel_shape: Sequence[int], strides: Sequence[int],
   - stride-1 convolutions with outputs of at least 16x16 and at least 64 input and output
     channels -> 'mixed' (XLA's forward and input gradient, im2col kernel gradient): XLA's
     kernel gradient slows down with spatial size; gradient 1.1-1.6x faster, measured before
-    `_kernel_grad_t` transposed the kernel-gradient matmul, which made the kernel gradient
+    `weight_grad_t` transposed the kernel-gradient matmul, which made the kernel gradient
     alone 1.6-1.9x faster again (3x3 at batch 32, one core: 64->64 at 32x32 34 vs 74 ms
     for XLA's, 128->128 at 16x16 24 vs 41 ms). At 8x8 the two are equal (5.4-5.5 ms).
   Everything else (3x3 convs at 8x8, 4x4 stride-2 'SAME' convs, convs with few input or
@@ -122,7 +122,7 @@ def _explicit_padding(padding: Padding, in_hw: Sequence[int], kernel_hw: Sequenc
 # than the matmul (page faults on fresh allocations, DRAM bandwidth), while blocks this size
 # stay in cache. Measured on the gradient of 3x3 convs at batch 64: 0.5-8 MiB blocks were
 # within noise of each other, one unblocked buffer was 1.2-1.9x slower. Once the kernel
-# gradient's matmul was transposed (`_kernel_grad_t`), 1 MiB beat 2 MiB on all six taming
+# gradient's matmul was transposed (`weight_grad_t`), 1 MiB beat 2 MiB on all six taming
 # CIFAR shapes that use blocks (gradient w.r.t. input and kernel, batch 32, one core, 9
 # interleaved runs): 333 vs 349 ms in total, 0.5 MiB 340, 4 MiB 352.
 _BLOCK_BYTES = 2**20
@@ -208,14 +208,16 @@ def _image_to_blocks(y: Array, g: _Geometry) -> Array:
   return y.transpose(0, 2, 1, 3, 4, 5).reshape(num_b * num_r, -1, y.shape[-1])
 
 
-def _kernel_grad_t(cols: Array, dy: Array) -> Array:
-  """dy^T cols: [cout, kh*kw*cin], the transposed kernel gradient of one block, in f32.
+def weight_grad_t(x: Array, dy: Array, precision=None) -> Array:
+  """dy^T x for rows x [P, K] and dy [P, N]: the transposed weight gradient [N, K], float32.
 
-  Transposed because XLA:CPU's matmul is 2.5x faster with the few output channels as
-  rows: contracting 32768 pixels, [64, 576] took 18 ms against 47 ms for [576, 64] on one
-  core (the im2col kernel gradient of taming's 3x3 64->64 conv at 32x32, batch 32).
+  The gradient of `x @ w` with respect to w is x^T dy; this returns its transpose. XLA:CPU's
+  matmul is 2.5x faster with the few output channels as rows: contracting 32768 pixels,
+  [64, 576] took 18 ms against 47 ms for [576, 64] on one core (the im2col kernel gradient
+  of taming's 3x3 64->64 conv at 32x32, batch 32); and for x^T dy it may transpose x in a
+  loop fused with whatever produced x (see `nets.dense_dot_general`).
   """
-  return jax.lax.dot_general(dy, cols, (((0,), (0,)), ((), ())),
+  return jax.lax.dot_general(dy, x, (((0,), (0,)), ((), ())), precision=precision,
                              preferred_element_type=jnp.float32)
 
 
@@ -248,7 +250,7 @@ def _blocked_im2col_bwd(g: _Geometry, residuals, dy: Array):
   def block(index, dy_block):
     xb = _block_input(xp, index, g)
     cols, cols_vjp = jax.vjp(lambda xb: _cols(xb, g), xb)
-    dw = _kernel_grad_t(cols, dy_block)
+    dw = weight_grad_t(cols, dy_block)
     dcols = jnp.dot(dy_block, wm.T, preferred_element_type=acc).astype(xp.dtype)
     return dw, cols_vjp(dcols)[0]
 
@@ -314,7 +316,7 @@ def _mixed_conv_bwd(strides, pads, residuals, dy):
   def body(dw_sum, inputs):
     index, dy_block = inputs
     cols = _cols(_block_input(xp, index, g), g)
-    return dw_sum + _kernel_grad_t(cols, dy_block), None
+    return dw_sum + weight_grad_t(cols, dy_block), None
 
   dw_t_shape = (kernel.shape[-1], g.kh * g.kw * x.shape[-1])
   dw_t, _ = jax.lax.scan(body, jnp.zeros(dw_t_shape, jnp.float32),

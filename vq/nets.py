@@ -75,9 +75,7 @@ def _matmul_bwd(precision, residuals, g):
   # The weight gradient as g^T x ([N, K], rows first) rather than x^T g: XLA:CPU otherwise
   # transposes x in a loop fused with everything that produced it (the GroupNorm before
   # the attention's qkv projection: about 13 ms per block at 8x8x128, batch 32).
-  dw_t = jax.lax.dot_general(g.reshape(-1, g.shape[-1]), x.reshape(-1, x.shape[-1]),
-                             (((0,), (0,)), ((), ())), precision=precision,
-                             preferred_element_type=jnp.float32)
+  dw_t = conv.weight_grad_t(x.reshape(-1, x.shape[-1]), g.reshape(-1, g.shape[-1]), precision)
   return jnp.dot(g, w.T, precision=precision), dw_t.T.astype(w.dtype)
 
 
