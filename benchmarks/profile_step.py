@@ -3,7 +3,7 @@
   taskset -c 0 python -m benchmarks.profile_step --config=experiments/vqgan_cifar.py \\
       --config.objective=vqvae --per_device_batch=32
 
-Compiles the step on one CPU device (XLA_FLAGS is set here, before JAX starts) with
+Compiles the step on one CPU device (`distributed.set_cpu_devices(1)`, as run.py) with
 `--per_device_batch` random images, runs `--warmup` steps, times `--steps` more, then
 records `--traced` steps with `jax.profiler` (a Perfetto trace) and maps every XLA thunk in
 it back to the JAX operation that produced it (the compiled HLO's `op_name` metadata). It
@@ -26,7 +26,6 @@ import json
 import os
 import re
 import statistics
-import sys
 import tempfile
 import time
 
@@ -99,10 +98,9 @@ def thunk_times(trace_dir: str) -> dict[str, float]:
 
 def main(argv):
   del argv
-  flags_now = os.environ.get('XLA_FLAGS', '')
-  if 'jax' in sys.modules and 'xla_force_host_platform_device_count' not in flags_now:
-    raise app.UsageError('benchmarks.profile_step must set XLA_FLAGS before JAX starts.')
-  os.environ['XLA_FLAGS'] = (flags_now + ' --xla_force_host_platform_device_count=1').strip()
+  from vq import distributed  # pylint: disable=g-import-not-at-top
+  # One CPU device, as run.py would set it up (a count already in XLA_FLAGS wins).
+  distributed.set_cpu_devices(1)
   import jax  # pylint: disable=g-import-not-at-top
   import numpy as np  # pylint: disable=g-import-not-at-top
   from vq import lpips  # pylint: disable=g-import-not-at-top

@@ -55,16 +55,17 @@ def group_norm(x: jax.Array, scale: jax.Array | None, bias: jax.Array | None, *,
   per_group = jnp.float32(channels // num_groups)
   member = _membership(num_groups, channels)
 
-  def to_channels(per_channel):  # [N, C] channel means -> [N, C] means of their group
-    groups = jnp.dot(per_channel, member.T, precision=jax.lax.Precision.HIGHEST) / per_group
-    return groups, jnp.dot(groups, member, precision=jax.lax.Precision.HIGHEST)
+  def group_mean(per_channel):  # [N, C] channel means -> [N, G] group means
+    return jnp.dot(per_channel, member.T, precision=jax.lax.Precision.HIGHEST) / per_group
+
+  def to_channels(per_group_value):  # [N, G] -> [N, C], each channel its group's value
+    return jnp.dot(per_group_value, member, precision=jax.lax.Precision.HIGHEST)
 
   x32 = x.astype(jnp.float32)
-  _, mean = to_channels(jnp.mean(x32, axis=axes))
   spread = (slice(None),) + (None,) * len(axes) + (slice(None),)  # [N, C] -> [N, 1.., C]
-  var_groups, _ = to_channels(jnp.mean(jnp.square(x32 - mean[spread]), axis=axes))
-  rstd = jnp.dot(jax.lax.rsqrt(var_groups + epsilon), member,
-                 precision=jax.lax.Precision.HIGHEST)
+  mean = to_channels(group_mean(jnp.mean(x32, axis=axes)))
+  var = group_mean(jnp.mean(jnp.square(x32 - mean[spread]), axis=axes))
+  rstd = to_channels(jax.lax.rsqrt(var + epsilon))
   a = rstd if scale is None else rstd * scale.astype(jnp.float32)
   b = -mean * a
   if bias is not None:
