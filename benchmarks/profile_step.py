@@ -40,6 +40,9 @@ _WARMUP = flags.DEFINE_integer('warmup', 2, 'Untimed steps after the compile.')
 _STEPS = flags.DEFINE_integer('steps', 3, 'Timed steps (median reported).')
 _TRACED = flags.DEFINE_integer('traced', 2, 'Steps recorded by the profiler (averaged).')
 _TOP = flags.DEFINE_integer('top', 10, 'Costliest thunks to list.')
+_HOST_HUGE_PAGES = flags.DEFINE_bool(
+    'host_huge_pages', True, "As run.py's: restart once with glibc.malloc.hugetlb=1 where that "
+    'changes anything (vq/host_memory.py).')
 _LPIPS = flags.DEFINE_enum('lpips', 'random', ['random', 'pretrained'],
                            "VQ-GAN's LPIPS weights (the same work either way).")
 
@@ -98,6 +101,8 @@ def thunk_times(trace_dir: str) -> dict[str, float]:
 
 def main(argv):
   del argv
+  from vq import host_memory  # pylint: disable=g-import-not-at-top
+  host_memory.restart_with_huge_pages(_HOST_HUGE_PAGES.value)  # as run.py does
   from vq import distributed  # pylint: disable=g-import-not-at-top
   # One CPU device, as run.py would set it up (a count already in XLA_FLAGS wins).
   distributed.set_cpu_devices(1)

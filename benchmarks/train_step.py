@@ -24,9 +24,19 @@ per-device rate by the device's peak dense bf16 FLOP/s from `PEAK_BF16_FLOPS` (b
 
 `--peer=taming` also builds taming-transformers' PyTorch step at the same architecture and
 batch (benchmarks/peer_taming.py), on the same images, and times the two interleaved: each
-round runs one step of each, alternating which goes first, so load from other processes hits
-both alike. The JSON then gives both medians and their ratio. With a peer, VQ-GAN runs with
-loss.disc_start=0 and loss.disc_warmup=0 so that the discriminator and the adversarial
+round runs two steps of ours, then two of the peer's, so load from other processes hits
+both alike. The medians and the ratio use the second step of each pair, which follows a
+step of its own kind, as every step in training does; the first steps are
+reported too (`ratio_first_of_pair`), and `--nopairs` runs one step each per round. Why:
+a step that follows the other side's step is slower for reasons that training never meets.
+XLA:CPU mallocs and frees its whole scratch buffer every step (799 MB per device for the
+taming CIFAR VQ-VAE at batch 32) and glibc returns it to the kernel; on a VM with free page
+reporting (this dev machine: Firecracker, virtio-balloon) memory that stays free for ~2 s
+is handed back to the host and must be faulted in again. Measured on the 2-core dev
+machine, our VQ-VAE step after a 2 s sleep (no peer at all) with huge pages: 3.2-3.4 s
+(1.8 s of it in the kernel) against 2.4-2.5 s right after another step (0.2 s in the kernel).
+
+With a peer, VQ-GAN runs with loss.disc_start=0 and loss.disc_warmup=0 so that the discriminator and the adversarial
 weight act in every timed step, as they do in the peer. `--objectives=vqvae,vqgan` times
 each objective in a process of its own, so each line's peak RSS is its own.
 """
@@ -50,6 +60,7 @@ from ml_collections import config_flags
 from benchmarks import flops
 from vq import config_validation
 from vq import distributed
+from vq import host_memory
 from vq import lpips
 from vq import parallel
 from vq import train_state as ts
@@ -80,6 +91,17 @@ _FLOPS_ONLY = flags.DEFINE_bool(
 _OBJECTIVES = flags.DEFINE_list(
     'objectives', None, "Objectives to time, e.g. 'vqvae,vqgan' (default: config.objective); "
     'several run one process each.')
+_HOST_HUGE_PAGES = flags.DEFINE_bool(
+    'host_huge_pages', True, "As run.py's: restart once with glibc.malloc.hugetlb=1 where that "
+    'changes anything (vq/host_memory.py). With --peer the peer runs in the same process and '
+    'gets the same malloc (it was slower with huge pages: compare with a --nohost_huge_pages '
+    'run).')
+_PAIRS = flags.DEFINE_bool(
+    'pairs', True, 'With --peer: each round runs two steps of each side back to back (ours, '
+    "ours, peer's, peer's) and the medians and ratio use the second step of each "
+    'pair, a step that follows a step of its own, as in training. The first steps (each after '
+    "the other side's step) are reported too. --nopairs: one step each per round, "
+    'alternating which side goes first.')
 flags.mark_flags_as_required(['config'])
 
 _REPO = pathlib.Path(__file__).resolve().parents[1]
@@ -275,14 +297,17 @@ def _time_against_peer(config: ml_collections.ConfigDict, overrides: dict) -> di
   for _ in range(_WARMUP.value):
     ours()
     peer.step()
-  ours_times, peer_times = [], []
+  # ours_times / peer_times: the timed steps (with --pairs the second of each pair);
+  # *_first_times: with --pairs, the first of each pair, which follows the other side's step.
+  ours_times, peer_times, ours_first_times, peer_first_times = [], [], [], []
   for i in range(_STEPS.value):
-    if i % 2 == 0:
-      ours_times.append(_timed(ours))
-      peer_times.append(_timed(peer.step))
-    else:
-      peer_times.append(_timed(peer.step))
-      ours_times.append(_timed(ours))
+    sides = [(ours, ours_times, ours_first_times), (peer.step, peer_times, peer_first_times)]
+    # Pairs: ours, ours, peer, peer every round, so each side's first step follows the
+    # other's. Single steps: alternate which side goes first.
+    for fn, times, first_times in (sides if _PAIRS.value or i % 2 == 0 else sides[::-1]):
+      if _PAIRS.value:
+        first_times.append(_timed(fn))
+      times.append(_timed(fn))
   peer_losses = peer.step()  # untimed: the last losses, to show both steps do real work
   ours_s, peer_s = float(np.median(ours_times)), float(np.median(peer_times))
   batch = config.train.batch_size
@@ -295,6 +320,7 @@ def _time_against_peer(config: ml_collections.ConfigDict, overrides: dict) -> di
       'peer_images_per_s': batch / peer_s,
       'ratio_ours_over_peer': peer_s / ours_s,
       'ratio_round_median': float(np.median(np.array(peer_times) / np.array(ours_times))),
+      'pairs': _PAIRS.value,
       'ours_step_s_median': ours_s,
       'peer_step_s_median': peer_s,
       'ours_step_s_min': float(np.min(ours_times)),
@@ -302,6 +328,11 @@ def _time_against_peer(config: ml_collections.ConfigDict, overrides: dict) -> di
       # Per round; rounds alternate which side goes first (odd rounds: the peer).
       'ours_step_s': [round(t, 4) for t in ours_times],
       'peer_step_s': [round(t, 4) for t in peer_times],
+      **({'ratio_first_of_pair': float(np.median(peer_first_times) / np.median(ours_first_times)),
+          'ours_first_of_pair_s': [round(t, 4) for t in ours_first_times],
+          'peer_first_of_pair_s': [round(t, 4) for t in peer_first_times]}
+         if _PAIRS.value else {}),
+      'host_malloc_tunables': os.environ.get('GLIBC_TUNABLES', ''),
       'ours_compile_plus_first_step_s': ours.compile_s,
       'peer_first_step_s': peer_first_s,
       'timed_rounds': len(ours_times),
@@ -339,7 +370,8 @@ def _each_in_own_process(objectives: list[str]) -> None:
 def main(argv):
   del argv
   config = _CONFIG.value
-  # Before JAX starts its backends, as in run.py.
+  # Before JAX starts its backends, as in run.py (re-executes this process, or returns).
+  host_memory.restart_with_huge_pages(_HOST_HUGE_PAGES.value)
   # The same choice as run.py's (--per_device_batch scales the batch with the devices).
   distributed.set_cpu_devices(distributed.resolve_cpu_devices(
       _CPU_DEVICES.value,
