@@ -26,8 +26,8 @@ per-device rate by the device's peak dense bf16 FLOP/s from `PEAK_BF16_FLOPS` (b
 batch (benchmarks/peer_taming.py), on the same images, and times the two interleaved: each
 round runs two steps of ours, then two of the peer's, so load from other processes hits
 both alike. The medians and the ratio use the second step of each pair, which follows a
-step of its own kind, as every step in training does; the first steps are
-reported too (`ratio_first_of_pair`), and `--nopairs` runs one step each per round. Why:
+step of its own kind, as every step in training does; the first steps are reported too
+(`ratio_first_of_pair`), and `--nopairs` runs one step each per round. Why:
 a step that follows the other side's step is slower for reasons that training never meets.
 XLA:CPU mallocs and frees its whole scratch buffer every step (799 MB per device for the
 taming CIFAR VQ-VAE at batch 32) and glibc returns it to the kernel; on a VM with free page
@@ -36,9 +36,10 @@ is handed back to the host and must be faulted in again. Measured on the 2-core 
 machine, our VQ-VAE step after a 2 s sleep (no peer at all) with huge pages: 3.2-3.4 s
 (1.8 s of it in the kernel) against 2.4-2.5 s right after another step (0.2 s in the kernel).
 
-With a peer, VQ-GAN runs with loss.disc_start=0 and loss.disc_warmup=0 so that the discriminator and the adversarial
-weight act in every timed step, as they do in the peer. `--objectives=vqvae,vqgan` times
-each objective in a process of its own, so each line's peak RSS is its own.
+With a peer, VQ-GAN runs with loss.disc_start=0 and loss.disc_warmup=0 so that the
+discriminator and the adversarial weight act in every timed step, as they do in the peer.
+`--objectives=vqvae,vqgan` times each objective in a process of its own, so each line's peak
+RSS is its own.
 """
 
 import functools
@@ -280,6 +281,27 @@ def _timed(fn) -> float:
   return time.perf_counter() - start
 
 
+def interleave(ours, peer, rounds: int, pairs: bool, timer=None):
+  """Times `ours()` and `peer()` in interleaved rounds (see the module docstring).
+
+  Returns:
+    (ours_times, peer_times, ours_first_times, peer_first_times): the timed steps (with
+    `pairs`, the second step of each pair) and, with `pairs`, the first step of each pair,
+    which follows the other side's step (empty lists without `pairs`).
+  """
+  timer = timer or _timed
+  ours_times, peer_times, ours_first_times, peer_first_times = [], [], [], []
+  sides = [(ours, ours_times, ours_first_times), (peer, peer_times, peer_first_times)]
+  for i in range(rounds):
+    # Pairs: ours, ours, peer, peer every round, so each side's first step follows the
+    # other's. Single steps: alternate which side goes first.
+    for fn, times, first_times in (sides if pairs or i % 2 == 0 else sides[::-1]):
+      if pairs:
+        first_times.append(timer(fn))
+      times.append(timer(fn))
+  return ours_times, peer_times, ours_first_times, peer_first_times
+
+
 def _time_against_peer(config: ml_collections.ConfigDict, overrides: dict) -> dict:
   """Our step and the peer's, built on the same images, timed in interleaved rounds."""
   from benchmarks import peer_taming  # pylint: disable=g-import-not-at-top
@@ -297,17 +319,8 @@ def _time_against_peer(config: ml_collections.ConfigDict, overrides: dict) -> di
   for _ in range(_WARMUP.value):
     ours()
     peer.step()
-  # ours_times / peer_times: the timed steps (with --pairs the second of each pair);
-  # *_first_times: with --pairs, the first of each pair, which follows the other side's step.
-  ours_times, peer_times, ours_first_times, peer_first_times = [], [], [], []
-  for i in range(_STEPS.value):
-    sides = [(ours, ours_times, ours_first_times), (peer.step, peer_times, peer_first_times)]
-    # Pairs: ours, ours, peer, peer every round, so each side's first step follows the
-    # other's. Single steps: alternate which side goes first.
-    for fn, times, first_times in (sides if _PAIRS.value or i % 2 == 0 else sides[::-1]):
-      if _PAIRS.value:
-        first_times.append(_timed(fn))
-      times.append(_timed(fn))
+  ours_times, peer_times, ours_first_times, peer_first_times = interleave(
+      ours, peer.step, _STEPS.value, _PAIRS.value)
   peer_losses = peer.step()  # untimed: the last losses, to show both steps do real work
   ours_s, peer_s = float(np.median(ours_times)), float(np.median(peer_times))
   batch = config.train.batch_size
@@ -325,7 +338,8 @@ def _time_against_peer(config: ml_collections.ConfigDict, overrides: dict) -> di
       'peer_step_s_median': peer_s,
       'ours_step_s_min': float(np.min(ours_times)),
       'peer_step_s_min': float(np.min(peer_times)),
-      # Per round; rounds alternate which side goes first (odd rounds: the peer).
+      # Per round. --pairs: every round runs ours twice, then the peer twice; --nopairs:
+      # rounds alternate which side goes first (odd rounds: the peer).
       'ours_step_s': [round(t, 4) for t in ours_times],
       'peer_step_s': [round(t, 4) for t in peer_times],
       **({'ratio_first_of_pair': float(np.median(peer_first_times) / np.median(ours_first_times)),

@@ -12,6 +12,7 @@ from absl.testing import parameterized
 import jax
 import jax.numpy as jnp
 import numpy as np
+import pytest
 from jax.sharding import Mesh
 from jax.sharding import PartitionSpec as P
 
@@ -163,3 +164,36 @@ class TrainStepBenchmarkTest(absltest.TestCase):
     self.assertEqual(out['lpips_weights'], 'random')
     self.assertEqual(out['num_params']['lpips'], 14716160)
     self.assertGreater(out['flops_per_device_step'], 0)
+
+
+
+# benchmarks/train_step.py defines absl flags (as profile_step.py does), so it is imported in
+# a child process of its own.
+_INTERLEAVE = r'''
+import json, sys
+from benchmarks import train_step
+calls, clock = [], iter(range(1, 100))
+def timer(fn):
+  fn()
+  return float(next(clock))  # call k is "timed" as k seconds
+out = train_step.interleave(lambda: calls.append('o'), lambda: calls.append('p'), rounds=3,
+                            pairs=sys.argv[1] == 'pairs', timer=timer)
+print(json.dumps([''.join(calls)] + list(out)))
+'''
+
+
+@pytest.mark.parametrize('pairs, order', [
+    (True, 'oo pp oo pp oo pp'),   # each side's first step follows the other side's
+    (False, 'op po op'),           # one step each, alternating who goes first
+])
+def test_peer_rounds_interleave_in_the_documented_order(pairs, order):
+  proc = subprocess.run([sys.executable, '-c', _INTERLEAVE, 'pairs' if pairs else 'single'],
+                        cwd=pathlib.Path(__file__).resolve().parents[1], capture_output=True,
+                        text=True, timeout=120, check=True)
+  calls, ours, peer, ours_first, peer_first = json.loads(proc.stdout.strip().splitlines()[-1])
+  assert calls == order.replace(' ', '')
+  if pairs:  # the second step of each pair is the timed one
+    assert (ours_first, ours, peer_first, peer) == (
+        [1., 5., 9.], [2., 6., 10.], [3., 7., 11.], [4., 8., 12.])
+  else:
+    assert (ours, peer, ours_first, peer_first) == ([1., 4., 5.], [2., 3., 6.], [], [])

@@ -16,7 +16,11 @@ pages on those mappings (`madvise(MADV_HUGEPAGE)`), and the faults come 2 MiB at
 Measured with `python -m benchmarks.train_step --config=experiments/vqgan_cifar.py
 --config.objective=vqvae --steps=9` (2 CPU devices, batch 64, 2-core x86 dev machine,
 kernel THP mode 'madvise'): 2.46 s per step with the tunable against 2.68-2.75 s without
-(two runs each); minor page faults over the whole run 0.33 M against 5.1 M.
+(two runs each); minor page faults over the whole run 0.33 M against 5.1 M. The catch: on
+a VM that hands free memory back to its host after ~2 s (free page reporting, as on the
+Firecracker dev machine), a step after such a pause costs more with huge pages (3.2-3.4 s
+against 2.4-2.5 s back to back; without huge pages the pause costs nothing measurable).
+Training runs its steps back to back; only the first step after an evaluation pays it.
 
 glibc reads its tunables once, when a program starts, so setting them means re-executing
 the process with `GLIBC_TUNABLES` extended. `restart_with_huge_pages` does that only where
