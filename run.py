@@ -97,7 +97,7 @@ def main(argv):
   logging.get_absl_handler().addFilter(_QuietLibraries())
   from vq import host_memory  # pylint: disable=g-import-not-at-top
   # Flags parsed, nothing started: the cheapest moment to re-execute (returns if it did not).
-  logging.info('vq: huge pages for host scratch memory: not restarting (%s)',
+  logging.info('vq: host huge pages (vq/host_memory.py), no restart: %s',
                host_memory.restart_with_huge_pages(_HOST_HUGE_PAGES.value))
   from vq import distributed  # pylint: disable=g-import-not-at-top
   try:

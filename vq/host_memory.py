@@ -36,7 +36,7 @@ from __future__ import annotations
 import os
 import re
 import sys
-from typing import Mapping, Sequence
+from typing import Mapping
 
 TUNABLE = 'glibc.malloc.hugetlb'
 _THP_ENABLED = '/sys/kernel/mm/transparent_hugepage/enabled'
@@ -84,7 +84,7 @@ def with_tunable(environ: Mapping[str, str]) -> dict[str, str]:
   return env
 
 
-def restart_with_huge_pages(enabled: bool = True, argv: Sequence[str] | None = None) -> str:
+def restart_with_huge_pages(enabled: bool = True) -> str:
   """Re-executes this process with huge pages for large mallocs, if that changes anything.
 
   Call it before JAX or any thread starts: the process is replaced (`os.execve`, same
@@ -92,20 +92,18 @@ def restart_with_huge_pages(enabled: bool = True, argv: Sequence[str] | None = N
 
   Args:
     enabled: False does nothing (run.py's `--nohost_huge_pages`).
-    argv: the command line to re-execute; defaults to this one.
 
   Returns:
-    Why it did not restart (it only returns when it does not).
+    Why it did not restart (it returns only when it does not).
   """
   if not enabled:
     return 'disabled'
   reason = restart_reason(os.environ, glibc_version(), thp_mode())
   if reason:
     return reason
-  argv = list(sys.orig_argv if argv is None else argv)
-  if not sys.executable or not argv:
+  if not sys.executable:
     return 'no interpreter path to re-execute'
   sys.stdout.flush()
   sys.stderr.flush()
-  os.execve(sys.executable, [sys.executable] + argv[1:], with_tunable(os.environ))
-  return 'unreachable'  # execve does not return
+  # Does not return: the process starts again, and the next call finds the tunable set.
+  os.execve(sys.executable, [sys.executable] + sys.orig_argv[1:], with_tunable(os.environ))
