@@ -23,7 +23,8 @@ per-device rate by the device's peak dense bf16 FLOP/s from `PEAK_BF16_FLOPS` (b
 `device_kind`; unknown kinds, CPUs included, print FLOP/s only).
 
 `--peer=taming` also builds taming-transformers' PyTorch step at the same architecture and
-batch (benchmarks/peer_taming.py), on the same images, and times the two interleaved: each
+batch (benchmarks/peer_taming.py), on the same images, in a process of its own with its own
+default malloc (`--peer_huge_pages` gives it ours), and times the two interleaved: each
 round runs two steps of ours, then two of the peer's, so load from other processes hits
 both alike. The medians and the ratio use the second step of each pair, which follows a
 step of its own kind, as every step in training does; the first steps are reported too
@@ -94,9 +95,12 @@ _OBJECTIVES = flags.DEFINE_list(
     'several run one process each.')
 _HOST_HUGE_PAGES = flags.DEFINE_bool(
     'host_huge_pages', True, "As run.py's: restart once with glibc.malloc.hugetlb=1 where that "
-    'changes anything (vq/host_memory.py). With --peer the peer runs in the same process and '
-    'gets the same malloc (it was slower with huge pages: compare with a --nohost_huge_pages '
-    'run).')
+    'changes anything (vq/host_memory.py).')
+_PEER_HUGE_PAGES = flags.DEFINE_bool(
+    'peer_huge_pages', False, 'Give the peer, which runs in a process of its own, our '
+    'glibc.malloc.hugetlb setting too. Default: the peer keeps its own default malloc (it was '
+    'slower with huge pages: 28.2 vs 30.2 images/s on the taming VQ-VAE step, 17.0 vs 20.9 on '
+    'VQ-GAN).')
 _PAIRS = flags.DEFINE_bool(
     'pairs', True, 'With --peer: each round runs two steps of each side back to back (ours, '
     "ours, peer's, peer's) and the medians and ratio use the second step of each "
@@ -312,9 +316,11 @@ def _time_against_peer(config: ml_collections.ConfigDict, overrides: dict) -> di
   ours = _OurStep(config, images)
   for _ in range(_WARMUP.value):
     ours()
-  ours_rss = _peak_rss_mb()
-  peer = peer_taming.TamingPeer(config, images, num_threads=_PEER_THREADS.value,
-                                seed=config.seed)
+  # The peer runs in a process of its own, with its own malloc (see --peer_huge_pages).
+  peer = peer_taming.PeerProcess(
+      config, images, num_threads=_PEER_THREADS.value, seed=config.seed,
+      environ=(dict(os.environ) if _PEER_HUGE_PAGES.value
+               else host_memory.without_tunable(os.environ)))
   peer_first_s = _timed(peer.step)
   for _ in range(_WARMUP.value):
     ours()
@@ -322,6 +328,7 @@ def _time_against_peer(config: ml_collections.ConfigDict, overrides: dict) -> di
   ours_times, peer_times, ours_first_times, peer_first_times = interleave(
       ours, peer.step, _STEPS.value, _PAIRS.value)
   peer_losses = peer.step()  # untimed: the last losses, to show both steps do real work
+  peer_rss = peer.close()
   ours_s, peer_s = float(np.median(ours_times)), float(np.median(peer_times))
   batch = config.train.batch_size
   ours_last = {k: float(v) for k, v in jax.device_get(ours.par.unreplicate(ours.metrics)).items()
@@ -351,8 +358,8 @@ def _time_against_peer(config: ml_collections.ConfigDict, overrides: dict) -> di
       'peer_first_step_s': peer_first_s,
       'timed_rounds': len(ours_times),
       'warmup_rounds': _WARMUP.value,
-      'ours_peak_rss_mb': ours_rss,
-      'peak_rss_mb_ours_plus_peer': _peak_rss_mb(),
+      'ours_peak_rss_mb': _peak_rss_mb(),  # the peer's memory is in its own process
+      'peer_peak_rss_mb': peer_rss,
       'ours_params': ours.num_params,
       'peer_params': peer.num_params(),
       'ours_last': ours_last,
@@ -360,7 +367,11 @@ def _time_against_peer(config: ml_collections.ConfigDict, overrides: dict) -> di
       'overrides': overrides,
       'loadavg_1m_end': os.getloadavg()[0],
       **_device_fields(),
-      **peer_taming.describe(),
+      'peer_host_malloc_tunables': (os.environ.get('GLIBC_TUNABLES', '')
+                                    if _PEER_HUGE_PAGES.value else
+                                    host_memory.without_tunable(os.environ).get(
+                                        'GLIBC_TUNABLES', '')),
+      **peer.describe(),
   }
 
 

@@ -109,3 +109,13 @@ def test_restart_reexecutes_once_with_the_same_arguments(tmp_path):
     # This machine is one where the restart matters: huge pages only with the tunable.
     assert on['huge_kb'] >= 32 * 1024, on
     assert off['huge_kb'] == 0, off
+
+
+def test_without_tunable_takes_out_only_hugetlb():
+  assert host_memory.without_tunable(
+      {'GLIBC_TUNABLES': 'glibc.malloc.arena_max=2:glibc.malloc.hugetlb=1', 'A': 'b'}) == {
+          'GLIBC_TUNABLES': 'glibc.malloc.arena_max=2', 'A': 'b'}
+  assert host_memory.without_tunable({'GLIBC_TUNABLES': 'glibc.malloc.hugetlb=1'}) == {}
+  assert host_memory.without_tunable({'A': 'b'}) == {'A': 'b'}
+  env = {'X': '1'}
+  assert host_memory.without_tunable(host_memory.with_tunable(env)) == env

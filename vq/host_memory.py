@@ -84,6 +84,16 @@ def with_tunable(environ: Mapping[str, str]) -> dict[str, str]:
   return env
 
 
+def without_tunable(environ: Mapping[str, str]) -> dict[str, str]:
+  """A copy of `environ` with any glibc.malloc.hugetlb setting taken out of GLIBC_TUNABLES."""
+  env = dict(environ)
+  tunables = [t for t in env.pop('GLIBC_TUNABLES', '').split(':')
+              if t and t.split('=', 1)[0] != TUNABLE]
+  if tunables:
+    env['GLIBC_TUNABLES'] = ':'.join(tunables)
+  return env
+
+
 def restart_with_huge_pages(enabled: bool = True) -> str:
   """Re-executes this process with huge pages for large mallocs, if that changes anything.
 
