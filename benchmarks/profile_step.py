@@ -40,6 +40,8 @@ _WARMUP = flags.DEFINE_integer('warmup', 2, 'Untimed steps after the compile.')
 _STEPS = flags.DEFINE_integer('steps', 3, 'Timed steps (median reported).')
 _TRACED = flags.DEFINE_integer('traced', 2, 'Steps recorded by the profiler (averaged).')
 _TOP = flags.DEFINE_integer('top', 10, 'Costliest thunks to list.')
+_TOP_CATEGORY = flags.DEFINE_string(
+    'top_category', None, "List only the costliest thunks of this category (e.g. 'other').")
 _HOST_HUGE_PAGES = flags.DEFINE_bool(
     'host_huge_pages', True, "As run.py's: restart once with glibc.malloc.hugetlb=1 where that "
     'changes anything (vq/host_memory.py).')
@@ -161,7 +163,8 @@ def main(argv):
       'traced_ms_per_step': round(sum(per_thunk.values()) * scale, 1),
       'ms_per_step': {k: round(v * scale, 1) for k, v in per_category.most_common()},
       'top_thunks': [{'thunk': t, 'ms': round(us * scale, 1), 'op_name': names.get(t, '')[-90:]}
-                     for t, us in per_thunk.most_common(_TOP.value)],
+                     for t, us in per_thunk.most_common()
+                     if _TOP_CATEGORY.value in (None, category(names.get(t, '')))][:_TOP.value],
       'xla_flags': os.environ['XLA_FLAGS'],
       'device_kind': jax.devices()[0].device_kind}))
 

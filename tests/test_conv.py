@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 
 from vq import conv
+from vq import native
 
 _DN = ('NHWC', 'HWIO', 'NHWC')
 
@@ -62,7 +63,36 @@ _CASES = [
     ('odd_7x5_valid_stride_2x1', (2, 7, 5, 4), (3, 2, 4, 5), (2, 1), 'VALID'),
     ('tiny_2x2_output', (2, 2, 2, 16), (3, 3, 16, 8), (1, 1), 'SAME'),
     ('explicit_asymmetric', (2, 6, 7, 3), (3, 3, 3, 4), (1, 2), ((2, 0), (1, 3))),
+    # Multiples of 16 output channels: the native kernel gradient's shapes (vq/native.py).
+    ('3x3_same_cout16', (2, 8, 8, 5), (3, 3, 5, 16), (1, 1), 'SAME'),
+    ('1x1_cout32', (2, 6, 6, 8), (1, 1, 8, 32), (1, 1), 'SAME'),
+    ('taming_downsample_cout16', (2, 8, 8, 6), (3, 3, 6, 16), (2, 2), ((0, 1), (0, 1))),
+    ('odd_7x5_4x4_stride2_same_cout48', (3, 7, 5, 4), (4, 4, 4, 48), (2, 2), 'SAME'),
+    ('tiny_2x2_output_cout80', (2, 2, 2, 16), (3, 3, 16, 80), (1, 1), 'SAME'),
+    ('explicit_asymmetric_cout16', (2, 6, 7, 3), (3, 3, 3, 16), (1, 2), ((2, 0), (1, 3))),
 ]
+
+
+def _native_or_fallback(monkeypatch, use_native):
+  """Runs the test with vq.native's kernel gradient (where it loads) or with it off."""
+  if use_native:
+    reason = native.unavailable_reason()
+    if reason is not None and not native_expected_here():
+      pytest.skip(f'no native kernel on this machine: {reason}')
+    assert reason is None, reason
+  else:
+    monkeypatch.setattr(native, 'kernel_grad_supported', lambda *a, **k: False)
+
+
+def native_expected_here():
+  """Whether this machine should build the native kernel: a C++ compiler and AVX-512."""
+  import shutil  # pylint: disable=g-import-not-at-top
+  try:
+    with open('/proc/cpuinfo') as f:
+      avx512 = ' avx512f' in f.read()
+  except OSError:
+    avx512 = False
+  return avx512 and shutil.which('c++') is not None
 
 
 def _explicit(padding, x_shape, k_shape, strides):
@@ -73,10 +103,13 @@ def _explicit(padding, x_shape, k_shape, strides):
   return padding
 
 
+@pytest.mark.parametrize('use_native', [True, False], ids=['native', 'xla_only'])
 @pytest.mark.parametrize('name,x_shape,k_shape,strides,padding', _CASES,
                          ids=[c[0] for c in _CASES])
-def test_matches_numpy_forward_and_lax_gradients(name, x_shape, k_shape, strides, padding):
+def test_matches_numpy_forward_and_lax_gradients(name, x_shape, k_shape, strides, padding,
+                                                 use_native, monkeypatch):
   del name
+  _native_or_fallback(monkeypatch, use_native)
   x, kernel = _rand(0, x_shape), _rand(1, k_shape)
   expected = _numpy_conv(x, kernel, strides, _explicit(padding, x_shape, k_shape, strides))
   cotangent = _rand(2, expected.shape)
@@ -90,7 +123,7 @@ def test_matches_numpy_forward_and_lax_gradients(name, x_shape, k_shape, strides
 
   (_, expected_y), expected_grads = jax.jit(value_and_grads(
       lambda x, k: _lax_conv(x, k, strides, padding)))(x, kernel)
-  for impl in ('im2col', 'mixed'):
+  for impl in ('im2col', 'mixed', 'auto'):
     (_, y), grads = jax.jit(value_and_grads(ours(impl)))(x, kernel)
     chex.assert_shape(y, expected.shape)
     np.testing.assert_allclose(y, expected, rtol=1e-5, atol=1e-5)
@@ -230,9 +263,24 @@ def test_conv_module_bfloat16_dtype():
 ])
 def test_auto_rule(backend, kernel_shape, strides, pads, out_hw, dtype, expected):
   args = (kernel_shape, strides, pads, out_hw, dtype, backend)
-  assert conv.select_impl('auto', *args) == expected
+  assert conv.select_impl('auto', *args, native_kernel_grad=False) == expected
   for impl in ('xla', 'im2col', 'mixed'):
-    assert conv.select_impl(impl, *args) == impl
+    assert conv.select_impl(impl, *args, native_kernel_grad=False) == impl
+    assert conv.select_impl(impl, *args, native_kernel_grad=True) == impl
+  # With the native kernel gradient, XLA's convolutions on CPU take it through 'mixed'.
+  with_native = 'mixed' if (backend, expected) == ('cpu', 'xla') else expected
+  assert conv.select_impl('auto', *args, native_kernel_grad=True) == with_native
+
+
+def test_auto_rule_asks_native_only_on_cpu(monkeypatch):
+  asked = []
+  monkeypatch.setattr(native, 'kernel_grad_supported',
+                      lambda dtype, cout, backend=None: asked.append((cout, backend)) or True)
+  args = ((3, 3, 128, 128), (1, 1), ((1, 1), (1, 1)), (8, 8), jnp.float32)
+  assert conv.select_impl('auto', *args, 'gpu') == 'xla'
+  assert not asked
+  assert conv.select_impl('auto', *args, 'cpu') == 'mixed'
+  assert asked == [(128, 'cpu')]
 
 
 def test_bad_arguments_raise_value_error():
