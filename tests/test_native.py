@@ -179,6 +179,99 @@ def test_library_is_cached_by_source_and_compiler(monkeypatch, tmp_path):
   assert path.exists() and os.listdir(tmp_path) == [path.name]  # no temporaries left
   assert native.library_path(compiler) == path                  # same key, same file
   source = tmp_path / 'changed.cc'
-  source.write_text(native.SOURCE.read_text() + '\n// changed\n')
-  monkeypatch.setattr(native, 'SOURCE', pathlib.Path(source))
+  source.write_text(native.SOURCES[-1].read_text() + '\n// changed\n')
+  monkeypatch.setattr(native, 'SOURCES', native.SOURCES[:-1] + (pathlib.Path(source),))
   assert native.library_path(compiler) != path
+
+
+def _gn_inputs(shape, seed=5):
+  rng = np.random.default_rng(seed)
+  x = jnp.asarray(rng.normal(size=shape) * 2 + 0.5, jnp.float32)
+  scale = jnp.asarray(1 + 0.1 * rng.normal(size=shape[-1]), jnp.float32)
+  bias = jnp.asarray(0.1 * rng.normal(size=shape[-1]), jnp.float32)
+  cot = jnp.asarray(rng.normal(size=shape), jnp.float32)
+  return x, scale, bias, cot
+
+
+def _numpy_group_norm_swish(x, scale, bias, groups, eps, swish):
+  x = np.asarray(x, np.float64)
+  xg = x.reshape(x.shape[0], -1, groups, x.shape[-1] // groups)
+  mean = xg.mean(axis=(1, 3), keepdims=True)
+  var = ((xg - mean) ** 2).mean(axis=(1, 3), keepdims=True)
+  h = ((xg - mean) / np.sqrt(var + eps)).reshape(x.shape) * scale + bias
+  return h / (1 + np.exp(-h)) if swish else h
+
+
+@pytest.mark.parametrize('shape,swish', [((2, 5, 3, 32), True), ((3, 7, 64), False),
+                                         ((2, 8, 8, 128), True), ((1, 3, 1, 64), True)])
+def test_group_norm_matches_numpy_and_the_xla_gradient(shape, swish):
+  from vq import norms  # pylint: disable=g-import-not-at-top
+  x, scale, bias, cot = _gn_inputs(shape)
+  y = jax.jit(lambda *a: native.group_norm_fwd(*a, num_groups=32, epsilon=1e-6,
+                                               swish=swish)[0])(x, scale, bias)
+  np.testing.assert_allclose(y, _numpy_group_norm_swish(x, scale, bias, 32, 1e-6, swish),
+                             rtol=1e-5, atol=1e-5)
+
+  fused = lambda x, s, b: norms.group_norm_swish(x, s, b, num_groups=32, swish=swish)
+  xla_path = lambda x, s, b: (lambda h: jax.nn.swish(h) if swish else h)(
+      norms.group_norm(x, s, b, num_groups=32, epsilon=1e-6))
+
+  def value_and_grads(fn):
+    out, vjp = jax.vjp(fn, x, scale, bias)
+    return out, vjp(cot)
+
+  assert 'vq_group_norm_bwd' in jax.jit(lambda: value_and_grads(fused)).lower().as_text()
+  got = jax.jit(lambda: value_and_grads(fused))()
+  expected = value_and_grads(xla_path)
+  for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(expected)):
+    np.testing.assert_allclose(a, b, rtol=2e-5, atol=2e-5 * float(jnp.abs(b).max()))
+
+
+def test_group_norm_rules_and_fallbacks():
+  from vq import norms  # pylint: disable=g-import-not-at-top
+  assert native.group_norm_supported(jnp.float32, 64, 32, backend='cpu')
+  assert not native.group_norm_supported(jnp.float32, 40, 8, backend='cpu')   # 40 % 16
+  assert not native.group_norm_supported(jnp.float32, 48, 32, backend='cpu')  # 48 % 32
+  assert not native.group_norm_supported(jnp.bfloat16, 64, 32, backend='cpu')
+  assert not native.group_norm_supported(jnp.float32, 64, 32, backend='tpu')
+  with pytest.raises(ValueError, match='multiple of 16'):
+    native.group_norm_fwd(jnp.zeros((1, 2, 40)), jnp.ones(40), jnp.zeros(40), num_groups=8,
+                          epsilon=1e-6, swish=False)
+  # bfloat16 output keeps the XLA path (normalise, cast, then swish in bfloat16).
+  x, scale, bias, _ = _gn_inputs((2, 4, 4, 64))
+  fn = jax.jit(lambda x: norms.group_norm_swish(x, scale, bias, num_groups=32, swish=True,
+                                                dtype=jnp.bfloat16))
+  assert 'vq_group_norm' not in fn.lower(x).as_text()
+  assert fn(x).dtype == jnp.bfloat16
+
+
+def test_second_order_gradients_match_the_xla_path(monkeypatch):
+  # An R1 penalty differentiates a gradient: the native calls' JVPs (plain JAX) carry it.
+  from vq import norms  # pylint: disable=g-import-not-at-top
+  x, scale, bias, _ = _gn_inputs((2, 6, 6, 32), seed=7)
+  kernel = jnp.asarray(np.random.default_rng(8).normal(size=(4, 4, 32, 16)) * 0.1,
+                       jnp.float32)
+
+  def net(x, params):
+    h = norms.group_norm_swish(x, params['scale'], params['bias'], num_groups=32, swish=True)
+    y = conv.conv2d(h, params['kernel'], strides=(2, 2), padding='SAME')
+    return jnp.sum(jnp.tanh(y))
+
+  def penalty(params, x):
+    # R1 (the input gradient's norm) plus the parameter gradient's norm, so that both
+    # native backward calls are differentiated again.
+    gx, gp = jax.grad(net, argnums=(0, 1))(x, params)
+    return jnp.sum(jnp.square(gx)) + sum(jnp.sum(jnp.square(g)) for g in jax.tree.leaves(gp))
+
+  params = {'scale': scale, 'bias': bias, 'kernel': kernel}
+  fn = jax.jit(jax.value_and_grad(penalty, argnums=(0, 1)))
+  text = fn.lower(params, x).as_text()
+  assert 'vq_group_norm_bwd' in text and 'vq_conv_kernel_grad' in text
+  got = fn(params, x)
+  monkeypatch.setattr(native, 'kernel_grad_supported', lambda *a, **k: False)
+  monkeypatch.setattr(native, 'group_norm_supported', lambda *a, **k: False)
+  fn = jax.jit(jax.value_and_grad(penalty, argnums=(0, 1)))
+  assert 'vq_' not in fn.lower(params, x).as_text()
+  expected = fn(params, x)
+  for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(expected)):
+    np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5 * float(jnp.abs(b).max()))

@@ -24,6 +24,7 @@ reason is logged once and in `unavailable_reason()`).
 from __future__ import annotations
 
 import ctypes
+import functools
 import hashlib
 import os
 import pathlib
@@ -41,7 +42,9 @@ import numpy as np
 ENV_SWITCH = 'VQ_NATIVE'          # '0' turns the native kernel off.
 ENV_CACHE = 'VQ_NATIVE_CACHE'     # Where the compiled library goes.
 TARGET = 'vq_conv_kernel_grad'
-SOURCE = pathlib.Path(__file__).parent / 'native' / 'conv_kernel_grad.cc'
+GROUP_NORM_TARGETS = ('vq_group_norm_fwd', 'vq_group_norm_bwd')
+SOURCES = tuple(pathlib.Path(__file__).parent / 'native' / name
+                for name in ('conv_kernel_grad.cc', 'group_norm.cc'))
 _FLAGS = ('-O3', '-std=c++17', '-shared', '-fPIC', '-w')
 
 _lock = threading.Lock()
@@ -64,17 +67,19 @@ def library_path(compiler: str) -> pathlib.Path:
   version = subprocess.run([compiler, '--version'], capture_output=True, text=True,
                            check=False).stdout
   key = hashlib.sha256(b'\0'.join([
-      SOURCE.read_bytes(), jax.lib.__version__.encode(), compiler.encode(),
+      *(source.read_bytes() for source in SOURCES), jax.lib.__version__.encode(),
+      compiler.encode(),
       version.encode(), ' '.join(_FLAGS).encode()])).hexdigest()[:16]
   return cache_dir() / f'vq_native_{key}.so'
 
 
 def build(compiler: str, out: pathlib.Path) -> None:
-  """Compiles SOURCE into `out`, atomically (a concurrent build of the same key is harmless)."""
+  """Compiles SOURCES into `out`, atomically (a concurrent build of the same key is harmless)."""
   out.parent.mkdir(parents=True, exist_ok=True)
   with tempfile.TemporaryDirectory(dir=out.parent) as tmp:
     tmp_out = pathlib.Path(tmp) / out.name
-    cmd = [compiler, *_FLAGS, f'-I{jax.ffi.include_dir()}', str(SOURCE), '-o', str(tmp_out)]
+    cmd = [compiler, *_FLAGS, f'-I{jax.ffi.include_dir()}', *map(str, SOURCES), '-o',
+           str(tmp_out)]
     result = subprocess.run(cmd, capture_output=True, text=True, check=False)
     if result.returncode != 0:
       raise RuntimeError(f'{" ".join(cmd)} failed: {result.stderr.strip()[-2000:]}')
@@ -96,10 +101,12 @@ def _load() -> str | None:
     lib = ctypes.cdll.LoadLibrary(str(path))
     if not lib.vq_native_supported():
       return 'this CPU has no AVX-512'
-    jax.ffi.register_ffi_target(TARGET, jax.ffi.pycapsule(lib.VqConvKernelGrad),
-                                platform='cpu')
+    for name, symbol in ((TARGET, lib.VqConvKernelGrad),
+                         (GROUP_NORM_TARGETS[0], lib.VqGroupNormFwd),
+                         (GROUP_NORM_TARGETS[1], lib.VqGroupNormBwd)):
+      jax.ffi.register_ffi_target(name, jax.ffi.pycapsule(symbol), platform='cpu')
   except (OSError, RuntimeError, subprocess.SubprocessError) as e:
-    return f'building or loading {SOURCE.name} failed: {e}'
+    return f'building or loading {", ".join(s.name for s in SOURCES)} failed: {e}'
   _state['path'] = path
   return None
 
@@ -142,8 +149,166 @@ def conv_kernel_grad(x: jax.Array, dy: jax.Array, kernel_hw: Sequence[int],
   if dy.shape[-1] % 16:
     raise ValueError(f'vq.native.conv_kernel_grad needs a multiple of 16 output channels, got '
                      f'{dy.shape[-1]}; use vq.conv.conv2d, which falls back to XLA.')
-  kh, kw = (int(k) for k in kernel_hw)
+  return _kernel_grad(x, dy, tuple(int(k) for k in kernel_hw), tuple(int(s) for s in strides),
+                      tuple(int(p) for p in pads_lo))
+
+
+@functools.partial(jax.custom_jvp, nondiff_argnums=(2, 3, 4))
+def _kernel_grad(x, dy, kernel_hw, strides, pads_lo):
+  kh, kw = kernel_hw
   out = jax.ShapeDtypeStruct((kh, kw, x.shape[-1], dy.shape[-1]), jnp.float32)
   call = jax.ffi.ffi_call(TARGET, out, vmap_method='sequential')
   return call(x, dy, sh=np.int64(strides[0]), sw=np.int64(strides[1]),
               pt=np.int64(pads_lo[0]), pl=np.int64(pads_lo[1]))
+
+
+def kernel_grad_reference(x, dy, kernel_hw, strides=(1, 1), pads_lo=(0, 0)):
+  """The same sum in plain JAX, tap by tap (slow; linear in x and in dy, so transposable)."""
+  kh, kw = kernel_hw
+  sh, sw = strides
+  _, oh, ow, _ = dy.shape
+  pt, pl = pads_lo
+  # Pad (or crop) so that tap (i, j) of output (y, x) reads xp[y * sh + i, x * sw + j].
+  need_h, need_w = (oh - 1) * sh + kh, (ow - 1) * sw + kw
+  xp = jax.lax.pad(x, jnp.zeros((), x.dtype), (
+      (0, 0, 0), (pt, need_h - x.shape[1] - pt, 0), (pl, need_w - x.shape[2] - pl, 0),
+      (0, 0, 0)))
+  taps = [[jnp.einsum('nhwc,nhwo->co', jax.lax.slice(
+      xp, (0, i, j, 0), (xp.shape[0], i + (oh - 1) * sh + 1, j + (ow - 1) * sw + 1,
+                         xp.shape[3]), (1, sh, sw, 1)), dy,
+      precision=jax.lax.Precision.HIGHEST) for j in range(kw)] for i in range(kh)]
+  return jnp.stack([jnp.stack(row) for row in taps])
+
+
+@_kernel_grad.defjvp
+def _kernel_grad_jvp(kernel_hw, strides, pads_lo, primals, tangents):
+  # Only higher-order derivatives (e.g. an R1 penalty's gradient) come here: the kernel
+  # gradient is bilinear in (x, dy), and its tangent runs in plain JAX, which JAX can
+  # transpose.
+  x, dy = primals
+  tx, tdy = tangents
+  ref = functools.partial(kernel_grad_reference, kernel_hw=kernel_hw, strides=strides,
+                          pads_lo=pads_lo)
+  return _kernel_grad(x, dy, kernel_hw, strides, pads_lo), ref(tx, dy) + ref(x, tdy)
+
+
+def group_norm_supported(dtype, channels: int, num_groups: int,
+                         backend: str | None = None) -> bool:
+  """Whether `group_norm` can run: CPU, float32, channels % 16 == 0 and % num_groups == 0."""
+  backend = jax.default_backend() if backend is None else backend
+  return (backend == 'cpu' and jnp.dtype(dtype) == jnp.float32 and channels % 16 == 0
+          and channels % num_groups == 0 and unavailable_reason() is None)
+
+
+def _check_group_norm(x, channels, num_groups):
+  reason = unavailable_reason()
+  if reason is not None:
+    raise RuntimeError(f'vq.native.group_norm is unavailable: {reason}; check '
+                       'group_norm_supported() first.')
+  if jnp.dtype(x.dtype) != jnp.float32 or channels % 16 or channels % num_groups:
+    raise ValueError(f'vq.native.group_norm takes float32 x with channels a multiple of 16 '
+                     f'and of num_groups, got {x.dtype}, {channels} channels, {num_groups} '
+                     'groups; use vq.norms.group_norm, which falls back to XLA.')
+
+
+def group_norm_fwd(x: jax.Array, scale: jax.Array, bias: jax.Array, *, num_groups: int,
+                   epsilon: float, swish: bool):
+  """GroupNorm (then swish) of x [N, ..., C]: (y, mean [N, G], rstd [N, G]), all float32."""
+  _check_group_norm(x, x.shape[-1], num_groups)
+  return _group_norm_fwd(x, scale.astype(jnp.float32), bias.astype(jnp.float32), num_groups,
+                         float(epsilon), bool(swish))
+
+
+def _group_stats(x, num_groups, epsilon):
+  """Per-example, per-group mean and 1/sqrt(var + eps) of x [N, ..., C] (two-pass var)."""
+  xg = x.reshape(x.shape[0], -1, num_groups, x.shape[-1] // num_groups)
+  mean = jnp.mean(xg, axis=(1, 3))
+  var = jnp.mean(jnp.square(xg - mean[:, None, :, None]), axis=(1, 3))
+  return mean, jax.lax.rsqrt(var + epsilon)
+
+
+def _to_channels(per_group, x):
+  """[N, G] -> [N, 1.., C] broadcastable against x."""
+  spread = jnp.repeat(per_group, x.shape[-1] // per_group.shape[1], axis=1)
+  return spread.reshape((x.shape[0],) + (1,) * (x.ndim - 2) + (x.shape[-1],))
+
+
+def group_norm_fwd_reference(x, scale, bias, num_groups, epsilon, swish):
+  """`group_norm_fwd` in plain JAX."""
+  mean, rstd = _group_stats(x, num_groups, epsilon)
+  h = (x - _to_channels(mean, x)) * _to_channels(rstd, x) * scale + bias
+  return (h * jax.nn.sigmoid(h) if swish else h), mean, rstd
+
+
+def group_norm_bwd_reference(x, scale, bias, mean, rstd, dy, num_groups, swish):
+  """`group_norm_bwd` in plain JAX, from the saved statistics (the formula of the C++)."""
+  axes = tuple(range(1, x.ndim - 1))
+  m, r = _to_channels(mean, x), _to_channels(rstd, x)
+  a = r * scale
+  h = x * a + (bias - m * a)
+  dh = dy
+  if swish:
+    sig = jax.nn.sigmoid(h)
+    dh = dy * sig * (1 + h * (1 - sig))
+  count = x.size // (x.shape[0] * num_groups)
+  def group_sum(v):  # [N, C] -> [N, 1.., C]: the sum over each channel's group
+    g = v.reshape(v.shape[0], num_groups, -1).sum(axis=2)
+    return _to_channels(g, x)
+  centred = jnp.sum(dh * (x - m), axis=axes)            # [N, C]
+  dbias = jnp.sum(dh, axis=(0,) + axes)
+  dscale = jnp.sum(centred * rstd.repeat(x.shape[-1] // num_groups, axis=1), axis=0)
+  m1 = group_sum(scale * jnp.sum(dh, axis=axes)) / count
+  m2 = group_sum(scale * centred) * r / count
+  dx = dh * a - r * m1 - (x - m) * r * r * m2
+  return dx, dscale, dbias
+
+
+@functools.partial(jax.custom_jvp, nondiff_argnums=(3, 4, 5))
+def _group_norm_fwd(x, scale, bias, num_groups, epsilon, swish):
+  channels = x.shape[-1]
+  x3 = x.reshape(x.shape[0], -1, channels)
+  stats = jax.ShapeDtypeStruct((x.shape[0], num_groups), jnp.float32)
+  call = jax.ffi.ffi_call(GROUP_NORM_TARGETS[0],
+                          (jax.ShapeDtypeStruct(x3.shape, jnp.float32), stats, stats),
+                          vmap_method='sequential')
+  y, mean, rstd = call(x3, scale, bias, groups=np.int64(num_groups),
+                       eps=np.float32(epsilon), swish=np.int64(swish))
+  return y.reshape(x.shape), mean, rstd
+
+
+@_group_norm_fwd.defjvp
+def _group_norm_fwd_jvp(num_groups, epsilon, swish, primals, tangents):
+  # Higher-order derivatives only (the first-order gradient is vq/norms.py's custom_vjp).
+  out = _group_norm_fwd(*primals, num_groups, epsilon, swish)
+  _, tangent = jax.jvp(lambda *a: group_norm_fwd_reference(*a, num_groups, epsilon, swish),
+                       primals, tangents)
+  return out, tangent
+
+
+def group_norm_bwd(x: jax.Array, scale: jax.Array, bias: jax.Array, mean: jax.Array,
+                   rstd: jax.Array, dy: jax.Array, *, num_groups: int, swish: bool):
+  """Gradient of `group_norm_fwd`'s y w.r.t. (x, scale, bias), given its cotangent dy."""
+  _check_group_norm(x, x.shape[-1], num_groups)
+  return _group_norm_bwd(x, scale.astype(jnp.float32), bias.astype(jnp.float32), mean, rstd,
+                         dy.astype(jnp.float32), num_groups, bool(swish))
+
+
+@functools.partial(jax.custom_jvp, nondiff_argnums=(6, 7))
+def _group_norm_bwd(x, scale, bias, mean, rstd, dy, num_groups, swish):
+  channels = x.shape[-1]
+  x3 = x.reshape(x.shape[0], -1, channels)
+  vec = jax.ShapeDtypeStruct((channels,), jnp.float32)
+  call = jax.ffi.ffi_call(GROUP_NORM_TARGETS[1],
+                          (jax.ShapeDtypeStruct(x3.shape, jnp.float32), vec, vec),
+                          vmap_method='sequential')
+  dx, dscale, dbias = call(x3, scale, bias, mean, rstd, dy.reshape(x3.shape),
+                           groups=np.int64(num_groups), swish=np.int64(swish))
+  return dx.reshape(x.shape), dscale, dbias
+
+
+@_group_norm_bwd.defjvp
+def _group_norm_bwd_jvp(num_groups, swish, primals, tangents):
+  out = _group_norm_bwd(*primals, num_groups, swish)
+  _, tangent = jax.jvp(lambda *a: group_norm_bwd_reference(*a, num_groups, swish),
+                       primals, tangents)
+  return out, tangent

@@ -26,11 +26,14 @@ any input dtype.
 
 from __future__ import annotations
 
+import functools
 from typing import Any, Callable
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+
+from vq import native
 
 Dtype = Any
 
@@ -73,6 +76,50 @@ def group_norm(x: jax.Array, scale: jax.Array | None, bias: jax.Array | None, *,
   return x32 * a[spread] + b[spread]
 
 
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4, 5))
+def _native_group_norm(x, scale, bias, num_groups, epsilon, swish):
+  return native.group_norm_fwd(x, scale, bias, num_groups=num_groups, epsilon=epsilon,
+                               swish=swish)[0]
+
+
+def _native_group_norm_fwd(x, scale, bias, num_groups, epsilon, swish):
+  y, mean, rstd = native.group_norm_fwd(x, scale, bias, num_groups=num_groups,
+                                        epsilon=epsilon, swish=swish)
+  return y, (x, scale, bias, mean, rstd)
+
+
+def _native_group_norm_bwd(num_groups, epsilon, swish, residuals, dy):
+  del epsilon  # in rstd already
+  x, scale, bias, mean, rstd = residuals
+  dx, dscale, dbias = native.group_norm_bwd(x, scale, bias, mean, rstd, dy,
+                                            num_groups=num_groups, swish=swish)
+  return dx.astype(x.dtype), dscale.astype(scale.dtype), dbias.astype(bias.dtype)
+
+
+_native_group_norm.defvjp(_native_group_norm_fwd, _native_group_norm_bwd)
+
+
+def group_norm_swish(x: jax.Array, scale: jax.Array | None, bias: jax.Array | None, *,
+                     num_groups: int, epsilon: float = 1e-6, swish: bool = False,
+                     dtype: Dtype = jnp.float32) -> jax.Array:
+  """`group_norm` cast to `dtype`, then swish if asked: one native call on CPU where it runs.
+
+  On CPU with float32 input and output, channels a multiple of 16, and `vq.native` loaded,
+  this is a native kernel with a native gradient (`native/group_norm.cc`): the same
+  function with sums in double, value and gradient in three and two passes over x.
+  Elsewhere (GPU/TPU, bfloat16, or no native kernel) it is `group_norm` then `nn.swish`.
+  """
+  channels = x.shape[-1]
+  if (jnp.dtype(dtype) == jnp.float32
+      and native.group_norm_supported(x.dtype, channels, num_groups)):
+    ones = jnp.ones((channels,), jnp.float32)
+    scale = ones if scale is None else scale.astype(jnp.float32)
+    bias = jnp.zeros_like(ones) if bias is None else bias.astype(jnp.float32)
+    return _native_group_norm(x, scale, bias, num_groups, float(epsilon), bool(swish))
+  y = group_norm(x, scale, bias, num_groups=num_groups, epsilon=epsilon).astype(dtype)
+  return nn.swish(y) if swish else y
+
+
 class GroupNorm(nn.Module):
   """`flax.linen.GroupNorm` (feature axis -1, per-example statistics), see `group_norm`.
 
@@ -83,6 +130,7 @@ class GroupNorm(nn.Module):
     param_dtype: dtype of 'scale' and 'bias'.
     use_scale, use_bias: whether to learn them.
     scale_init, bias_init: their initialisers (ones, zeros).
+    swish: apply swish to the output (fused into the native kernel where it runs).
   """
   num_groups: int = 32
   epsilon: float = 1e-6
@@ -92,6 +140,7 @@ class GroupNorm(nn.Module):
   use_bias: bool = True
   scale_init: Callable[..., jax.Array] = nn.initializers.ones
   bias_init: Callable[..., jax.Array] = nn.initializers.zeros
+  swish: bool = False
 
   @nn.compact
   def __call__(self, x: jax.Array) -> jax.Array:
@@ -100,5 +149,5 @@ class GroupNorm(nn.Module):
              if self.use_scale else None)
     bias = (self.param('bias', self.bias_init, (channels,), self.param_dtype)
             if self.use_bias else None)
-    y = group_norm(x, scale, bias, num_groups=self.num_groups, epsilon=self.epsilon)
-    return y.astype(self.dtype)
+    return group_norm_swish(x, scale, bias, num_groups=self.num_groups,
+                            epsilon=self.epsilon, swish=self.swish, dtype=self.dtype)
