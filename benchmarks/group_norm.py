@@ -4,11 +4,14 @@
   python -m benchmarks.group_norm --shapes=imagenet256 --dtype=bfloat16   # on a GPU
 
 Times jit(vjp) of swish(GroupNorm(32)(x)) (the value and the gradient with respect to x,
-scale and bias for a random cotangent) and the forward alone, at the shapes of taming's
+scale and bias for a random cotangent) and the forward alone, three ways: flax's
+GroupNorm, `vq.norms.group_norm` in XLA ('vq_xla'), and `vq.norms.GroupNorm(swish=True)`
+('vq': on CPU in float32 the native kernel of vq/native.py, elsewhere the same as vq_xla), at the shapes of taming's
 CIFAR network on one of two CPU devices (--shapes=cifar, batch 32: 32x32x64, 16x16x128,
 8x8x128) or of the 256x256 network on one accelerator (--shapes=imagenet256, batch 16:
-256x256x128 down to 16x16x512), the two implementations interleaved. Prints one JSON line per shape (median ms) with the max
-relative difference of their outputs and gradients.
+256x256x128 down to 16x16x512), the implementations interleaved. Prints one JSON line per
+shape (median ms) with the max relative difference of each vq variant's outputs and
+gradients from flax's.
 """
 
 import json
@@ -36,9 +39,18 @@ SHAPES = {  # (size, channels)
 }
 
 
-def _layers(dtype):
-  return {'flax': nn.GroupNorm(num_groups=32, epsilon=1e-6, dtype=dtype),
-          'vq': norms.GroupNorm(num_groups=32, epsilon=1e-6, dtype=dtype)}
+def _appliers(dtype):
+  """name -> apply(x, params): swish(GroupNorm(32)(x)) three ways."""
+  flax_layer = nn.GroupNorm(num_groups=32, epsilon=1e-6, dtype=dtype)
+  vq_layer = norms.GroupNorm(num_groups=32, epsilon=1e-6, dtype=dtype, swish=True)
+  return {
+      'flax': lambda x, p: nn.swish(flax_layer.apply({'params': p}, x)),
+      # vq.norms.group_norm in XLA (what runs on GPU/TPU, or on CPU without vq.native).
+      'vq_xla': lambda x, p: nn.swish(norms.group_norm(
+          x, p['scale'], p['bias'], num_groups=32, epsilon=1e-6).astype(dtype)),
+      # The layer the nets use: on CPU in float32 one native call (vq/native.py).
+      'vq': lambda x, p: vq_layer.apply({'params': p}, x),
+  }
 
 
 def main(argv):
@@ -53,17 +65,16 @@ def main(argv):
     params = {'scale': jnp.asarray(1 + 0.1 * rng.normal(size=channels), jnp.float32),
               'bias': jnp.asarray(0.1 * rng.normal(size=channels), jnp.float32)}
     fns, results = {}, {}
-    for name, layer in _layers(dtype).items():
-      def apply(x, p, layer=layer):
-        return nn.swish(layer.apply({'params': p}, x))
+    for name, apply in _appliers(dtype).items():
       def value_and_grads(x, p, cot, apply=apply):
         out, vjp = jax.vjp(apply, x, p)
         return out, vjp(cot)
       fns[name] = {'fwd': jax.jit(apply), 'fwd_bwd': jax.jit(value_and_grads)}
       results[name] = value_and_grads(x, params, cot)
-    flat = [jax.tree.leaves(results[name]) for name in ('flax', 'vq')]
-    diff = max(float(jnp.max(jnp.abs(a.astype(jnp.float32) - b.astype(jnp.float32)))
-                     / jnp.max(jnp.abs(a.astype(jnp.float32)))) for a, b in zip(*flat))
+    def max_rel_diff(name, other='flax'):
+      flat = [jax.tree.leaves(results[n]) for n in (other, name)]
+      return max(float(jnp.max(jnp.abs(a.astype(jnp.float32) - b.astype(jnp.float32)))
+                       / jnp.max(jnp.abs(a.astype(jnp.float32)))) for a, b in zip(*flat))
     args = {'fwd': (x, params), 'fwd_bwd': (x, params, cot)}
     times = {(name, kind): [] for name in fns for kind in args}
     for fn_pair in fns.values():
@@ -71,7 +82,7 @@ def main(argv):
         for _ in range(2):
           jax.block_until_ready(fn(*args[kind]))
     for rep in range(_REPS.value):
-      for name in (('flax', 'vq') if rep % 2 == 0 else ('vq', 'flax')):
+      for name in (list(fns) if rep % 2 == 0 else list(fns)[::-1]):
         for kind, fn in fns[name].items():
           start = time.perf_counter()
           jax.block_until_ready(fn(*args[kind]))
@@ -80,7 +91,8 @@ def main(argv):
         'shape': list(shape), 'dtype': _DTYPE.value,
         **{f'{kind}_ms_{name}': round(1e3 * statistics.median(t), 2)
            for (name, kind), t in times.items()},
-        'max_rel_diff': diff, 'device_kind': jax.devices()[0].device_kind}))
+        'max_rel_diff_vq_xla': max_rel_diff('vq_xla'), 'max_rel_diff_vq': max_rel_diff('vq'),
+        'device_kind': jax.devices()[0].device_kind}))
 
 
 if __name__ == '__main__':

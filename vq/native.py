@@ -1,4 +1,4 @@
-"""A native XLA:CPU kernel for the convolution kernel gradient, compiled on first use.
+"""Native XLA:CPU kernels (C++, AVX-512) for the train step's slowest ops, built on first use.
 
 Usage sketch::
 
@@ -6,19 +6,32 @@ Usage sketch::
 
   if native.kernel_grad_supported(x.dtype, cout):       # CPU, float32, AVX-512, compiled
     dw = native.conv_kernel_grad(x, dy, (3, 3), strides=(1, 1), pads_lo=(1, 1))
+  if native.group_norm_supported(x.dtype, channels, 32):
+    y, mean, rstd = native.group_norm_fwd(x, scale, bias, num_groups=32, epsilon=1e-6,
+                                          swish=True)
 
-XLA:CPU has no fast convolution kernel gradient: its own is 1.6-1.9x slower than an
-im2col matmul, and the im2col route (vq/conv.py) spends about 40% of its time building the
-im2col blocks. `native/conv_kernel_grad.cc` reads x and dy in place (the padding is never
-materialised) with AVX-512 register tiles and is called from the jitted step as an XLA
-FFI custom call. It is the same sum in float32 (in another order).
+Two things XLA:CPU does slowly, found by `benchmarks/profile_step.py` on the taming CIFAR
+step (README, Speed), each an XLA FFI custom call here:
+- `native/conv_kernel_grad.cc`: the convolution kernel gradient. XLA's own is 1.6-1.9x
+  slower than an im2col matmul, and the im2col route (vq/conv.py) spends about 40% of its
+  time building im2col blocks; this reads x and dy in place (the padding is never
+  materialised) with AVX-512 register tiles: 15.4 vs 29 ms for 3x3 64->64 at 32x32,
+  batch 32, one core. vq/conv.py uses it for every float32 CPU kernel gradient.
+- `native/group_norm.cc`: GroupNorm, optionally fused with the swish after it, and its
+  gradient, in 3 + 2 passes over x with sums in double: value and gradient 5.3 vs 16.4 ms
+  at 32x32x64, 2.4 vs 4.1 ms at 16x16x128 (batch 32, one core), against vq/norms.py's
+  XLA version. vq/norms.py uses it on CPU for float32.
+Both compute the same sums in float32 (GroupNorm's in double) in another order: tests
+compare them with float64 numpy oracles and with the XLA paths. First-order gradients run
+natively; each native call also has a JVP written in plain JAX, so second-order gradients
+(an R1 penalty) work, at XLA's speed.
 
 The library is compiled once per source / jaxlib / compiler, by the C++ compiler in `$CXX`
-(default `c++`), about 3 s, into `$VQ_NATIVE_CACHE` (default `~/.cache/vq/native`), and
-loaded with ctypes. Nothing is compiled at import time, only when a CPU convolution first
-asks for it. Without a compiler, on a CPU without AVX-512, on GPU/TPU, or with
-`VQ_NATIVE=0`, `kernel_grad_supported` is False and vq/conv.py keeps its XLA path (the
-reason is logged once and in `unavailable_reason()`).
+(default `c++`), about 4 s, into `$VQ_NATIVE_CACHE` (default `~/.cache/vq/native`), and
+loaded with ctypes. Nothing is compiled at import time, only when a CPU convolution or
+GroupNorm is first traced. Without a compiler, on a CPU without AVX-512, on GPU/TPU, or
+with `VQ_NATIVE=0`, the `*_supported` functions say False and the XLA paths run (the reason
+is logged once and in `unavailable_reason()`).
 """
 
 from __future__ import annotations

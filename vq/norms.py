@@ -22,6 +22,10 @@ On one core (batch 32, float32; value and gradient of GroupNorm(32) then swish,
 (bfloat16, batch 16, the 256x256 network's maps) the two were within 0.12 ms of each other
 per layer (`--shapes=imagenet256`; README, accelerator check). Statistics are float32 for
 any input dtype.
+
+On CPU, for float32, `GroupNorm` (and `group_norm_swish`) run a native kernel instead
+(`vq.native`, `native/group_norm.cc`), with the swish that follows fused in when
+`swish=True`: value and gradient 5.3 vs 16.4 ms at 32x32x64 against `group_norm` + swish.
 """
 
 from __future__ import annotations
