@@ -18,9 +18,10 @@ step (README, Speed), each an XLA FFI custom call here:
   materialised) with AVX-512 register tiles: 15.4 vs 29 ms for 3x3 64->64 at 32x32,
   batch 32, one core. vq/conv.py uses it for every float32 CPU kernel gradient.
 - `native/group_norm.cc`: GroupNorm, optionally fused with the swish after it, and its
-  gradient, in 3 + 2 passes over x with sums in double: value and gradient 5.3 vs 16.4 ms
-  at 32x32x64, 2.4 vs 4.1 ms at 16x16x128 (batch 32, one core), against vq/norms.py's
-  XLA version. vq/norms.py uses it on CPU for float32.
+  gradient, in 3 + 2 passes over x with sums in double: value and gradient 6.8-9.1 vs
+  9.8-14.9 ms at 32x32x64, 2.6-2.8 vs 4.4-4.5 ms at 16x16x128, 0.65 vs 0.93-0.98 ms at
+  8x8x128 against vq/norms.py's XLA version (batch 32, one core, two runs of
+  `taskset -c 0 python -m benchmarks.group_norm`). vq/norms.py uses it on CPU for float32.
 Both compute the same sums in float32 (GroupNorm's in double) in another order: tests
 compare them with float64 numpy oracles and with the XLA paths. First-order gradients run
 natively; each native call also has a JVP written in plain JAX, so second-order gradients
