@@ -53,7 +53,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-ENV_SWITCH = 'VQ_NATIVE'          # '0' turns the native kernel off.
+ENV_SWITCH = 'VQ_NATIVE'          # '0' turns the native kernels off.
 ENV_CACHE = 'VQ_NATIVE_CACHE'     # Where the compiled library goes.
 TARGET = 'vq_conv_kernel_grad'
 GROUP_NORM_TARGETS = ('vq_group_norm_fwd', 'vq_group_norm_bwd')
@@ -101,7 +101,7 @@ def build(compiler: str, out: pathlib.Path) -> None:
 
 
 def _load() -> str | None:
-  """Builds (if needed), loads and registers the kernel; returns why not, or None."""
+  """Builds (if needed), loads and registers the kernels; returns why not, or None."""
   if os.environ.get(ENV_SWITCH, '1') == '0':
     return f'{ENV_SWITCH}=0'
   compiler = _compiler()
@@ -126,14 +126,16 @@ def _load() -> str | None:
 
 
 def unavailable_reason() -> str | None:
-  """None if the native kernel is loaded (loading it on first call), else the reason."""
+  """None if the native kernels are loaded (loading them on first call), else the reason."""
   with _lock:
     if 'reason' not in _state:
       _state['reason'] = _load()
       if _state['reason'] is None:
-        logging.info('vq.native: %s loaded from %s', TARGET, _state['path'])
+        logging.info('vq.native: %s and %s loaded from %s', TARGET,
+                     ', '.join(GROUP_NORM_TARGETS), _state['path'])
       else:
-        logging.warning('vq.native: kernel gradient stays on XLA: %s', _state['reason'])
+        logging.warning('vq.native: conv kernel gradients and GroupNorm stay on XLA: %s',
+                        _state['reason'])
     return _state['reason']
 
 
