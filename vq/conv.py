@@ -263,19 +263,19 @@ def _blocked_im2col_bwd(g: _Geometry, residuals, dy: Array):
   # The native kernel gradient reads xp and dy in place; the blocks then only carry dx.
   use_native = native.kernel_grad_supported(xp.dtype, wm.shape[1])
 
-  def block(index, dy_block):
+  def block(dw_sum, index, dy_block):
+    """(dw_sum plus this block's kernel gradient unless native, this block's dx)."""
     xb = _block_input(xp, index, g)
     cols, cols_vjp = jax.vjp(lambda xb: _cols(xb, g), xb)
-    dw = (jnp.zeros(wm.shape[::-1], jnp.float32) if use_native
-          else weight_grad_t(cols, dy_block))
+    if not use_native:
+      dw_sum = dw_sum + weight_grad_t(cols, dy_block)
     dcols = jnp.dot(dy_block, wm.T, preferred_element_type=acc).astype(xp.dtype)
-    return dw, cols_vjp(dcols)[0]
+    return dw_sum, cols_vjp(dcols)[0]
 
   if num_r == 1:
     # Blocks are whole images and do not overlap: stack the input gradients.
     def body(dw_sum, inputs):
-      dw, dxb = block(*inputs)
-      return dw_sum + dw, dxb
+      return block(dw_sum, *inputs)
     dw, dxb = jax.lax.scan(body, jnp.zeros(wm.shape[::-1], jnp.float32),
                            (jnp.arange(num_b), dyb))
     dxp = dxb.reshape((xp.shape[0],) + dxb.shape[2:])
@@ -286,11 +286,11 @@ def _blocked_im2col_bwd(g: _Geometry, residuals, dy: Array):
     def body(carry, inputs):
       dw_sum, dxp = carry
       index = inputs[0]
-      dw, dxb = block(*inputs)
+      dw_sum, dxb = block(dw_sum, *inputs)
       start = (index // num_r * g.block_n, index % num_r * g.block_rows * g.sh, 0, 0)
       dxp = jax.lax.dynamic_update_slice(
           dxp, jax.lax.dynamic_slice(dxp, start, dxb.shape) + dxb, start)
-      return (dw_sum + dw, dxp), None
+      return (dw_sum, dxp), None
     (dw, dxp), _ = jax.lax.scan(
         body, (jnp.zeros(wm.shape[::-1], jnp.float32), jnp.zeros_like(xp)),
         (jnp.arange(num_b * num_r), dyb))
