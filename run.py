@@ -58,7 +58,7 @@ _HOST_HUGE_PAGES = flags.DEFINE_bool(
     'host_huge_pages', True, 'Linux/glibc 2.35+ with THP mode madvise: restart once with '
     'GLIBC_TUNABLES=glibc.malloc.hugetlb=1, so that XLA:CPU\'s per-step scratch buffer is '
     'faulted in 2 MiB pages (CPU training step 2.46 vs 2.7 s on the taming CIFAR VQ-VAE; see '
-    'vq/host_memory.py). Only host memory changes; --nohost_huge_pages skips the restart.')
+    'vq/cpu/host_memory.py). Only host memory changes; --nohost_huge_pages skips the restart.')
 flags.mark_flags_as_required(['config', 'workdir'])
 
 
@@ -95,28 +95,29 @@ def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f'Unexpected arguments: {argv[1:]}')
   logging.get_absl_handler().addFilter(_QuietLibraries())
-  from vq import host_memory  # pylint: disable=g-import-not-at-top
+  from vq.cpu import host_memory  # pylint: disable=g-import-not-at-top
   # Flags parsed, nothing started: the cheapest moment to re-execute (returns if it did not).
-  logging.info('vq: host huge pages (vq/host_memory.py), no restart: %s',
+  logging.info('vq: host huge pages (vq/cpu/host_memory.py), no restart: %s',
                host_memory.restart_with_huge_pages(_HOST_HUGE_PAGES.value))
-  from vq import distributed  # pylint: disable=g-import-not-at-top
+  from vq.runtime import distributed  # pylint: disable=g-import-not-at-top
+  from vq.cpu import devices as cpu_devices  # pylint: disable=g-import-not-at-top
   try:
     if not distributed.joins_processes(_COORDINATOR.value, _NUM_PROCESSES.value,
                                        _PROCESS_ID.value):  # before JAX starts its backends
-      cpu_devices = distributed.resolve_cpu_devices(
+      count = cpu_devices.resolve_cpu_devices(
           _CPU_DEVICES.value, [_CONFIG.value.train.batch_size, _CONFIG.value.eval.batch_size])
       logging.info('vq: the CPU platform shows %d device(s) (used if JAX runs on the CPU)',
-                   distributed.set_cpu_devices(cpu_devices))
+                   cpu_devices.set_cpu_devices(count))
     # Before anything touches a device: joins the other processes of a multi-host job.
     distributed.initialize(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value)
   except ValueError as e:
     print(f'error: {e}', file=sys.stderr)
     sys.exit(2)
   # Imported here so that `--help` stays fast and flag errors come before JAX starts.
-  from vq import checkpointing  # pylint: disable=g-import-not-at-top
-  from vq import config_validation  # pylint: disable=g-import-not-at-top
-  from vq import evaluation  # pylint: disable=g-import-not-at-top
-  from vq import trainer  # pylint: disable=g-import-not-at-top
+  from vq.runtime import checkpointing  # pylint: disable=g-import-not-at-top
+  from vq.config import validation as config_validation  # pylint: disable=g-import-not-at-top
+  from vq.evaluation import evaluator  # pylint: disable=g-import-not-at-top
+  from vq.training import trainer  # pylint: disable=g-import-not-at-top
   import json  # pylint: disable=g-import-not-at-top
 
   config = _CONFIG.value
@@ -125,7 +126,7 @@ def main(argv):
       trainer.train_and_evaluate(config, _WORKDIR.value,
                                  reinit_unusable_checkpoints=_REINIT.value)
     elif _MODE.value == 'eval':
-      results = evaluation.evaluate(config, _WORKDIR.value)
+      results = evaluator.evaluate(config, _WORKDIR.value)
       print(json.dumps(results, indent=2, sort_keys=True))
     else:
       print(json.dumps(_tokenizer_mode(config), indent=2, sort_keys=True, default=str))

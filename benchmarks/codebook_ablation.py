@@ -129,7 +129,7 @@ def usage_histograms(variants: list[str], root: pathlib.Path) -> pathlib.Path:
   """One labelled row per variant: `codebook_usage.histogram_image` of its final usage EMA."""
   import numpy as np  # pylint: disable=g-import-not-at-top
   from PIL import Image, ImageDraw  # pylint: disable=g-import-not-at-top
-  from vq import checkpointing, codebook_usage, images, train_state as ts  # pylint: disable=g-import-not-at-top,g-multiple-import
+  from vq.runtime import checkpointing, codebook_usage, images, train_state as ts  # pylint: disable=g-import-not-at-top,g-multiple-import
   rows = []
   for variant in variants:
     config = variant_config(variant)

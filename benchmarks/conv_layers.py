@@ -1,4 +1,4 @@
-"""Per-layer speed of `vq.conv.conv2d`: XLA's convolution against im2col + matmul.
+"""Per-layer speed of `vq.models.conv.conv2d`: XLA's convolution against im2col + matmul.
 
 Usage (from the repository root):
 
@@ -23,7 +23,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from vq import conv
+from vq.models import conv
 
 _BATCH_SIZE = flags.DEFINE_integer('batch_size', 64, 'Batch size of every layer input.')
 _REPS = flags.DEFINE_integer('reps', 15, 'Timed runs per impl and shape (median is kept).')

@@ -1,12 +1,12 @@
-"""Speed of `vq.norms.GroupNorm` against `flax.linen.GroupNorm`, each followed by swish.
+"""Speed of `vq.models.norms.GroupNorm` against `flax.linen.GroupNorm`, each followed by swish.
 
   python -m benchmarks.group_norm --reps=9
   python -m benchmarks.group_norm --shapes=imagenet256 --dtype=bfloat16   # on a GPU
 
 Times jit(vjp) of swish(GroupNorm(32)(x)) (the value and the gradient with respect to x,
 scale and bias for a random cotangent) and the forward alone, three ways: flax's
-GroupNorm, `vq.norms.group_norm` in XLA ('vq_xla'), and `vq.norms.GroupNorm(swish=True)`
-('vq': on CPU in float32 the native kernel of vq/native.py, elsewhere the same as vq_xla), at the shapes of taming's
+GroupNorm, `vq.models.norms.group_norm` in XLA ('vq_xla'), and `vq.models.norms.GroupNorm(swish=True)`
+('vq': on CPU in float32 the native kernel of vq/cpu/native.py, elsewhere the same as vq_xla), at the shapes of taming's
 CIFAR network on one of two CPU devices (--shapes=cifar, batch 32: 32x32x64, 16x16x128,
 8x8x128) or of the 256x256 network on one accelerator (--shapes=imagenet256, batch 16:
 256x256x128 down to 16x16x512), the implementations interleaved. Prints one JSON line per
@@ -25,7 +25,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from vq import norms
+from vq.models import norms
 
 _SHAPES = flags.DEFINE_enum('shapes', 'cifar', ['cifar', 'imagenet256'],
                             "Which config's GroupNorm inputs to time.")
@@ -45,10 +45,10 @@ def _appliers(dtype):
   vq_layer = norms.GroupNorm(num_groups=32, epsilon=1e-6, dtype=dtype, swish=True)
   return {
       'flax': lambda x, p: nn.swish(flax_layer.apply({'params': p}, x)),
-      # vq.norms.group_norm in XLA (what runs on GPU/TPU, or on CPU without vq.native).
+      # vq.models.norms.group_norm in XLA (what runs on GPU/TPU, or on CPU without vq.cpu.native).
       'vq_xla': lambda x, p: nn.swish(norms.group_norm(
           x, p['scale'], p['bias'], num_groups=32, epsilon=1e-6).astype(dtype)),
-      # The layer the nets use: on CPU in float32 one native call (vq/native.py).
+      # The layer the nets use: on CPU in float32 one native call (vq/cpu/native.py).
       'vq': lambda x, p: vq_layer.apply({'params': p}, x),
   }
 

@@ -49,7 +49,7 @@ Deliberate differences, none of which changes the compute much:
   vqgan_cifar config uses an EMA codebook, which costs about the same.
 - taming's `VQModel` has two 1x1 convs around the quantizer (quant_conv, post_quant_conv;
   8,320 parameters) that vq's taming network does not.
-- taming's PatchGAN uses BatchNorm; vq's uses GroupNorm (see vq/discriminator.py for why).
+- taming's PatchGAN uses BatchNorm; vq's uses GroupNorm (see vq/models/discriminator.py for why).
 """
 
 from __future__ import annotations
@@ -333,7 +333,7 @@ class PeerProcess:
   """`TamingPeer` in a process of its own (multiprocessing 'spawn'), stepped over a pipe.
 
   Process-wide settings then stay each side's own: the malloc tunables our benchmark
-  restarts with (vq/host_memory.py) reach the peer only if `environ` keeps them, and the
+  restarts with (vq/cpu/host_memory.py) reach the peer only if `environ` keeps them, and the
   peak RSS of each side is its own. A step's round trip over the pipe adds well under a
   millisecond to the 2-4 s steps it times.
 

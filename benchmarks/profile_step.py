@@ -3,14 +3,14 @@
   taskset -c 0 python -m benchmarks.profile_step --config=experiments/vqgan_cifar.py \\
       --config.objective=vqvae --per_device_batch=32
 
-Compiles the step on one CPU device (`distributed.set_cpu_devices(1)`, as run.py) with
+Compiles the step on one CPU device (`cpu_devices.set_cpu_devices(1)`, as run.py) with
 `--per_device_batch` random images, runs `--warmup` steps, times `--steps` more, then
 records `--traced` steps with `jax.profiler` (a Perfetto trace) and maps every XLA thunk in
 it back to the JAX operation that produced it (the compiled HLO's `op_name` metadata). It
 prints one JSON line: the step time, milliseconds per step for each category below, and the
 `--top` costliest thunks. Categories, from the op_name: 'conv forward', 'conv input
 gradient' (XLA/YNNPACK convolutions), 'conv kernel gradient and im2col' (the rest of a conv
-layer's backward: vq.conv's blocked im2col matmuls, slices, pads), 'conv forward other' (bias
+layer's backward: vq.models.conv's blocked im2col matmuls, slices, pads), 'conv forward other' (bias
 adds, im2col forward), 'groupnorm', 'swish', 'attention', 'lpips', 'discriminator',
 'quantizer', 'other'. A `while` thunk's time is its body's, so it is not counted again.
 
@@ -44,7 +44,7 @@ _TOP_CATEGORY = flags.DEFINE_string(
     'top_category', None, "List only the costliest thunks of this category (e.g. 'other').")
 _HOST_HUGE_PAGES = flags.DEFINE_bool(
     'host_huge_pages', True, "As run.py's: restart once with glibc.malloc.hugetlb=1 where that "
-    'changes anything (vq/host_memory.py).')
+    'changes anything (vq/cpu/host_memory.py).')
 _LPIPS = flags.DEFINE_enum('lpips', 'random', ['random', 'pretrained'],
                            "VQ-GAN's LPIPS weights (the same work either way).")
 
@@ -103,17 +103,17 @@ def thunk_times(trace_dir: str) -> dict[str, float]:
 
 def main(argv):
   del argv
-  from vq import host_memory  # pylint: disable=g-import-not-at-top
+  from vq.cpu import host_memory  # pylint: disable=g-import-not-at-top
   host_memory.restart_with_huge_pages(_HOST_HUGE_PAGES.value)  # as run.py does
-  from vq import distributed  # pylint: disable=g-import-not-at-top
+  from vq.cpu import devices as cpu_devices  # pylint: disable=g-import-not-at-top
   # One CPU device, as run.py would set it up (a count already in XLA_FLAGS wins).
-  distributed.set_cpu_devices(1)
+  cpu_devices.set_cpu_devices(1)
   import jax  # pylint: disable=g-import-not-at-top
   import numpy as np  # pylint: disable=g-import-not-at-top
-  from vq import lpips  # pylint: disable=g-import-not-at-top
-  from vq import parallel  # pylint: disable=g-import-not-at-top
-  from vq import train_state as ts  # pylint: disable=g-import-not-at-top
-  from vq import train_step as steps  # pylint: disable=g-import-not-at-top
+  from vq.perceptual import lpips  # pylint: disable=g-import-not-at-top
+  from vq.runtime import parallel  # pylint: disable=g-import-not-at-top
+  from vq.runtime import state as ts  # pylint: disable=g-import-not-at-top
+  from vq.training import step as steps  # pylint: disable=g-import-not-at-top
 
   config = _CONFIG.value
   size, batch = config.data.image_size, _PER_DEVICE_BATCH.value

@@ -7,7 +7,7 @@ r"""Train-step throughput for a config: one JSON line (per objective).
   python -m benchmarks.train_step --config=experiments/vqvae_cifar.py --parallel=jit
 
 Takes the same config file and overrides as run.py. Times the real train step, mapped over
-the devices by `--parallel` (default: config.train.parallel; see vq/parallel.py), on
+the devices by `--parallel` (default: config.train.parallel; see vq/runtime/parallel.py), on
 random images already on the device (the input pipeline is measured separately by
 benchmarks/input_pipeline.py), after a compile step and warm-up steps; reports the median
 over timed steps. For VQ-GAN, set disc_start=0 to time the full generator + discriminator
@@ -60,13 +60,13 @@ import numpy as np
 from ml_collections import config_flags
 
 from benchmarks import flops
-from vq import config_validation
-from vq import distributed
-from vq import host_memory
-from vq import lpips
-from vq import parallel
-from vq import train_state as ts
-from vq import train_step as steps
+from vq.config import validation as config_validation
+from vq.cpu import devices as cpu_devices
+from vq.cpu import host_memory
+from vq.perceptual import lpips
+from vq.runtime import parallel
+from vq.runtime import state as ts
+from vq.training import step as steps
 
 _CONFIG = config_flags.DEFINE_config_file('config', None, 'Experiment config file.',
                                           lock_config=True)
@@ -95,7 +95,7 @@ _OBJECTIVES = flags.DEFINE_list(
     'several run one process each.')
 _HOST_HUGE_PAGES = flags.DEFINE_bool(
     'host_huge_pages', True, "As run.py's: restart once with glibc.malloc.hugetlb=1 where that "
-    'changes anything (vq/host_memory.py).')
+    'changes anything (vq/cpu/host_memory.py).')
 _PEER_HUGE_PAGES = flags.DEFINE_bool(
     'peer_huge_pages', False, 'Give the peer, which runs in a process of its own, our '
     'glibc.malloc.hugetlb setting too. Default: the peer keeps its own default malloc (it was '
@@ -398,7 +398,7 @@ def main(argv):
   # Before JAX starts its backends, as in run.py (re-executes this process, or returns).
   host_memory.restart_with_huge_pages(_HOST_HUGE_PAGES.value)
   # The same choice as run.py's (--per_device_batch scales the batch with the devices).
-  distributed.set_cpu_devices(distributed.resolve_cpu_devices(
+  cpu_devices.set_cpu_devices(cpu_devices.resolve_cpu_devices(
       _CPU_DEVICES.value,
       [config.eval.batch_size] + ([] if _PER_DEVICE_BATCH.value else [config.train.batch_size])))
   objectives = _OBJECTIVES.value or [config.objective]

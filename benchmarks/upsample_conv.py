@@ -1,4 +1,4 @@
-"""Speed of `vq.nets.upsample_conv`: nearest x2 + 3x3 conv, 'repeat' vs 'phases'.
+"""Speed of `vq.models.nets.upsample_conv`: nearest x2 + 3x3 conv, 'repeat' vs 'phases'.
 
   python -m benchmarks.upsample_conv --reps=7
   python -m benchmarks.upsample_conv --shapes=imagenet256 --dtype=bfloat16  # on a GPU
@@ -21,7 +21,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from vq import nets
+from vq.models import nets
 
 _SHAPES = flags.DEFINE_enum('shapes', 'cifar', ['cifar', 'imagenet256'],
                             "Which config's upsampling layers to time.")

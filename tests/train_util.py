@@ -4,10 +4,10 @@ import functools
 
 import jax
 
-from vq import parallel
+from vq.runtime import parallel
 from vq import quantizers
-from vq import train_state as ts
-from vq import train_step as steps
+from vq.runtime import state as ts
+from vq.training import step as steps
 
 
 def run_steps(config, devices, images_per_step, state=None):

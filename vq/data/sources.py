@@ -1,0 +1,139 @@
+"""Random-access image sources: what every dataset spec opens to.
+
+Usage sketch::
+
+  from vq.data import sources
+
+  class MySource(sources.ImageSource):       # a new kind of dataset
+    def __len__(self): ...
+    def _get_many(self, indices): ...        # [(uint8 [H, W, 3], label), ...]
+
+  src[3], src.get_batch([0, 5, 9]), sources.take(src, 100)
+
+Sources hand out uint8 [H, W, 3] images and integer labels (-1 when unlabelled).
+"""
+
+import operator
+from collections.abc import Sequence
+
+import numpy as np
+from PIL import Image
+
+RESIZE_FIX = 'pass resize=True (config field data.resize)'
+
+
+class ImageSource:
+  """A read-only, random-access image dataset: `source[i] -> {'image', 'label'}`.
+
+  `source[i]['image']` is uint8 with shape `image_shape`; `source[i]['label']` is an
+  np.int32, -1 when the dataset has no labels. Reads may happen from several threads.
+
+  Attributes:
+    image_shape: (H, W, 3), the same for every example.
+    num_classes: the number of classes, or None for unlabeled data.
+    skipped: (file, reason) for each file left out at open (folder sources only).
+  """
+
+  image_shape: tuple[int, int, int]
+  num_classes: int | None
+  skipped: list[tuple[str, str]]
+
+  def __init__(self, *, description: str, image_shape: tuple[int, int, int],
+               num_classes: int | None, skipped: list[tuple[str, str]] | None = None):
+    self.description = description
+    self.image_shape = tuple(int(d) for d in image_shape)
+    self.num_classes = num_classes
+    self.skipped = list(skipped or [])
+
+  def __len__(self) -> int:
+    raise NotImplementedError
+
+  def __getitem__(self, index: int) -> dict[str, np.ndarray]:
+    n = len(self)
+    i = operator.index(index)
+    if i < 0:
+      i += n
+    if not 0 <= i < n:
+      raise IndexError(f'Index {index} is out of range for {self.description} '
+                       f'with {n} examples.')
+    image, label = self._get_many([i])[0]
+    return {'image': image, 'label': np.int32(label)}
+
+  def __repr__(self) -> str:
+    return (f'{type(self).__name__}({self.description}, n={len(self)}, '
+            f'image_shape={self.image_shape}, num_classes={self.num_classes})')
+
+  def _get_many(self, indices: Sequence[int]) -> list[tuple[np.ndarray, int]]:
+    """Returns (uint8 image, label) for valid, non-negative indices."""
+    raise NotImplementedError
+
+
+class ArraySource(ImageSource):
+  """Images held in memory (npz files)."""
+
+  def __init__(self, images: np.ndarray, labels: np.ndarray | None, **kwargs):
+    super().__init__(image_shape=images.shape[1:], **kwargs)
+    self._images = images
+    self._labels = labels
+
+  def __len__(self) -> int:
+    return len(self._images)
+
+  def _get_many(self, indices):
+    return [(self._images[i], -1 if self._labels is None else int(self._labels[i]))
+            for i in indices]
+
+
+class Prefix(ImageSource):
+  """The first `n` examples of another source."""
+
+  def __init__(self, base: ImageSource, n: int):
+    super().__init__(description=f'{base.description}[:{n}]', image_shape=base.image_shape,
+                     num_classes=base.num_classes, skipped=base.skipped)
+    self._base = base
+    self._n = n
+
+  def __len__(self) -> int:
+    return self._n
+
+  def _get_many(self, indices):
+    return self._base._get_many(indices)  # pylint: disable=protected-access
+
+
+def take(source: ImageSource, num_examples: int) -> ImageSource:
+  """Returns the first `num_examples` examples of `source` (all of it if shorter).
+
+  Args:
+    source: the dataset.
+    num_examples: how many leading examples to keep, >= 1.
+
+  Returns:
+    A source of length min(num_examples, len(source)), sharing `source`'s reads.
+  """
+  if not isinstance(num_examples, (int, np.integer)) or num_examples < 1:
+    raise ValueError(f'take needs num_examples >= 1; saw {num_examples!r} (use 0/None in the '
+                     'config to mean "all" and skip take).')
+  if num_examples >= len(source):
+    return source
+  return Prefix(source, int(num_examples))
+
+
+def fit_image(image: np.ndarray, size: int) -> np.ndarray:
+  """Center-crops `image` to a square and resizes it to size x size (PIL bicubic)."""
+  h, w = image.shape[:2]
+  s = min(h, w)
+  top, left = (h - s) // 2, (w - s) // 2
+  square = Image.fromarray(image[top:top + s, left:left + s])
+  return np.asarray(square.resize((size, size), Image.Resampling.BICUBIC))
+
+
+def size_error(where: str, hw: tuple[int, int], image_size: int) -> ValueError:
+  h, w = hw
+  other = f', or set image_size={h}' if h == w else ''
+  return ValueError(f'{where} is {h}x{w} (HxW) but image_size={image_size}; {RESIZE_FIX} '
+                    f'to center-crop and resize{other}.')
+
+
+def one_line(e: BaseException) -> str:
+  text = ' '.join(str(e).split())
+  return text if len(text) <= 200 else text[:197] + '...'
