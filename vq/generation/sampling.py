@@ -31,10 +31,12 @@ so they are never changed.
 
 from __future__ import annotations
 
+import functools
 from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from vq.generation import priors
 from vq.generation import transformer
@@ -60,7 +62,11 @@ class Settings(NamedTuple):
 
 
 def guided(logits_cond: jax.Array, logits_uncond: jax.Array, scale: float) -> jax.Array:
-  """u + s (c - u): s = 1 gives the conditional logits."""
+  """u + s (c - u): s = 1 gives the conditional logits exactly, s = 0 the unconditional."""
+  if scale == 1.0:
+    return logits_cond
+  if scale == 0.0:
+    return logits_uncond
   return logits_uncond + scale * (logits_cond - logits_uncond)
 
 
@@ -136,12 +142,45 @@ def sample_gpt(model: transformer.Transformer, params: Any, layout: priors.Token
 
 
 def maskgit_num_masked(num_start: jax.Array, unknown: jax.Array, t: jax.Array,
-                       num_iterations: int) -> jax.Array:
-  """Tokens left masked after iteration t (see the module docstring)."""
-  ratio = (t + 1) / num_iterations
-  n = jnp.floor(num_start * priors.cosine_mask_ratio(ratio)).astype(jnp.int32)
+                       num_iterations: int, length: int) -> jax.Array:
+  """Tokens left masked after iteration t (see the module docstring).
+
+  floor(N0 * cos(pi/2 * (t + 1) / T)) comes from a table computed in float64 for every
+  N0 in [0, length], so a product that is an integer (6 * cos(pi/3) = 3) is not floored
+  one lower by float32 rounding.
+  """
+  ratios = np.cos(0.5 * np.pi * (np.arange(num_iterations) + 1) / num_iterations)
+  table = np.floor(np.arange(length + 1)[None, :] * ratios[:, None] + 1e-9).astype(np.int32)
+  n = jnp.asarray(table)[t, num_start]
   n = jnp.maximum(1, jnp.minimum(unknown - 1, n))
   return jnp.where((t == num_iterations - 1) | (unknown == 0), 0, n)
+
+
+def maskgit_iteration(model: transformer.Transformer, params: Any,
+                      layout: priors.TokenLayout, first: jax.Array, copies: int,
+                      keys: jax.Array, num_start: jax.Array, settings: Settings,
+                      t: jax.Array, tokens: jax.Array) -> jax.Array:
+  """Iteration t of MaskGIT decoding: sample the masked positions, re-mask the least sure."""
+  mask_id, length, iterations = layout.mask_token, layout.length, settings.num_iterations
+  unknown_map = tokens == mask_id
+  inputs = jnp.concatenate([first[:, None], jnp.tile(tokens, (copies, 1))], axis=1)
+  logits = model.apply({'params': params}, inputs)[:, 1:]
+  logits = _combine(logits, copies, settings.guidance) / settings.temperature
+  logits = filter_logits(logits, settings.top_k, settings.top_p)
+  step_keys = jax.vmap(lambda k: jax.random.fold_in(k, t))(keys)
+  k_sample = jax.vmap(lambda k: jax.random.fold_in(k, 0))(step_keys)
+  k_choice = jax.vmap(lambda k: jax.random.fold_in(k, 1))(step_keys)
+  sampled = jnp.where(unknown_map, _categorical(k_sample, logits), tokens)
+  logp = jax.nn.log_softmax(logits, axis=-1)
+  chosen = jnp.take_along_axis(logp, sampled[..., None], axis=-1)[..., 0]
+  gumbel = jax.vmap(lambda k: jax.random.gumbel(k, (length,)))(k_choice)
+  anneal = settings.choice_temperature * (1.0 - (t + 1) / iterations)
+  confidence = jnp.where(unknown_map, chosen + anneal * gumbel, jnp.inf)
+  n_mask = maskgit_num_masked(num_start, jnp.sum(unknown_map, axis=1), t, iterations, length)
+  # Keep masked the n_mask least confident of the positions sampled in this iteration.
+  ranks = jnp.argsort(jnp.argsort(confidence, axis=1), axis=1)
+  remask = (ranks < n_mask[:, None]) & unknown_map
+  return jnp.where(remask, mask_id, sampled)
 
 
 def sample_maskgit(model: transformer.Transformer, params: Any, layout: priors.TokenLayout,
@@ -159,35 +198,13 @@ def sample_maskgit(model: transformer.Transformer, params: Any, layout: priors.T
       decoded (inpainting, editing); None samples whole grids.
   """
   labels = jnp.asarray(labels, jnp.int32)
-  b, length, mask_id = labels.shape[0], layout.length, layout.mask_token
   if tokens is None:
-    tokens = jnp.full((b, length), mask_id, jnp.int32)
+    tokens = jnp.full((labels.shape[0], layout.length), layout.mask_token, jnp.int32)
   first, copies = _with_uncond(layout, labels, settings.guidance)
-  num_start = jnp.sum(tokens == mask_id, axis=1)
-  iterations = settings.num_iterations
-
-  def body(t, tokens):
-    unknown_map = tokens == mask_id
-    inputs = jnp.concatenate([first[:, None], jnp.tile(tokens, (copies, 1))], axis=1)
-    logits = model.apply({'params': params}, inputs)[:, 1:]
-    logits = _combine(logits, copies, settings.guidance) / settings.temperature
-    logits = filter_logits(logits, settings.top_k, settings.top_p)
-    step_keys = jax.vmap(lambda k: jax.random.fold_in(k, t))(keys)
-    k_sample = jax.vmap(lambda k: jax.random.fold_in(k, 0))(step_keys)
-    k_choice = jax.vmap(lambda k: jax.random.fold_in(k, 1))(step_keys)
-    sampled = jnp.where(unknown_map, _categorical(k_sample, logits), tokens)
-    logp = jax.nn.log_softmax(logits, axis=-1)
-    chosen = jnp.take_along_axis(logp, sampled[..., None], axis=-1)[..., 0]
-    gumbel = jax.vmap(lambda k: jax.random.gumbel(k, (length,)))(k_choice)
-    anneal = settings.choice_temperature * (1.0 - (t + 1) / iterations)
-    confidence = jnp.where(unknown_map, chosen + anneal * gumbel, jnp.inf)
-    n_mask = maskgit_num_masked(num_start, jnp.sum(unknown_map, axis=1), t, iterations)
-    # Keep masked the n_mask least confident positions of each row.
-    ranks = jnp.argsort(jnp.argsort(confidence, axis=1), axis=1)
-    remask = (ranks < n_mask[:, None]) & unknown_map
-    return jnp.where(remask, mask_id, sampled)
-
-  return jax.lax.fori_loop(0, iterations, body, tokens)
+  num_start = jnp.sum(tokens == layout.mask_token, axis=1)
+  body = functools.partial(maskgit_iteration, model, params, layout, first, copies, keys,
+                           num_start, settings)
+  return jax.lax.fori_loop(0, settings.num_iterations, body, tokens)
 
 
 def network_evaluations(kind: str, layout: priors.TokenLayout, settings: Settings) -> int:
