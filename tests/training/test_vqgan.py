@@ -88,19 +88,40 @@ def _explicit_gradients(config, state, images):
   return grads(state.params)
 
 
+def _conv_out_kernel_gradient(config, state, images, loss_of_recon):
+  """d loss / d decoder.conv_out.kernel by a full jax.grad through the whole network."""
+  model = builders.build_tokenizer(config)
+
+  def loss(kernel):
+    params = jax.tree.map(lambda x: x, state.params)
+    params['decoder']['conv_out']['kernel'] = kernel
+    (recon, _), _ = model.apply({'params': params, 'vq_stats': state.vq_stats}, images,
+                                train=True, mutable=['vq_stats'])
+    return loss_of_recon(recon)
+
+  return np.asarray(jax.jit(jax.grad(loss))(state.params['decoder']['conv_out']['kernel']))
+
+
 def test_adaptive_weight_and_generator_gradient_equal_explicit_computation():
   config = _config(**{'loss.disc_start': 0, 'loss.disc_warmup': 0})
+  assert config.loss.recon == 'l1' and config.loss.gan_loss == 'hinge'
   state = _sgd_state(config)
   images = _images()
   new, metrics = _step(config, state, images, jax.local_devices()[:1])
-  g_rec, g_q, g_adv = _explicit_gradients(config, state, images)
 
-  last = lambda g: g['decoder']['conv_out']
-  norm = lambda t: np.sqrt(sum(np.sum(np.square(np.asarray(x))) for x in jax.tree.leaves(t)))
-  expected_weight = np.clip(norm(last(g_rec)) / (norm(last(g_adv)) + 1e-4), 0, 1e4)
-  expected_weight *= config.loss.disc_weight
+  # taming's calculate_adaptive_weight: norms of the gradients w.r.t. last_layer =
+  # decoder.conv_out.weight (the kernel alone), L1 and hinge losses written out here.
+  disc = builders.build_discriminator_from_config(config)
+  rec_kernel = _conv_out_kernel_gradient(
+      config, state, images,
+      lambda r: config.loss.recon_weight * jnp.mean(jnp.abs(r - images)))
+  gan_kernel = _conv_out_kernel_gradient(
+      config, state, images, lambda r: -jnp.mean(disc.apply({'params': state.disc_params}, r)))
+  expected_weight = np.clip(np.linalg.norm(rec_kernel) / (np.linalg.norm(gan_kernel) + 1e-4),
+                            0, 1e4) * config.loss.disc_weight
   np.testing.assert_allclose(metrics['d_weight'], expected_weight, rtol=1e-4)
 
+  g_rec, g_q, g_adv = _explicit_gradients(config, state, images)
   total = jax.tree.map(lambda a, b, c: a + b + expected_weight * c, g_rec, g_q, g_adv)
   update = jax.tree.map(lambda new_p, old_p: old_p - new_p, new.params, state.params)
   chex.assert_trees_all_close(update, total, rtol=2e-3, atol=1e-6)

@@ -12,8 +12,10 @@ are averaged (or summed) over it here, so the same function serves 1 or many dev
 The VQ-GAN step does one forward pass of the generator and one of the discriminator on
 the reconstruction, and pulls each back twice with `jax.vjp`: the discriminator's
 pullback gives the generator its adversarial gradient and the discriminator its own;
-taming's adaptive weight uses gradients at the decoder's last layer, obtained by
-re-applying only that layer to its sown input (no second backward through the decoder).
+taming's adaptive weight uses gradients w.r.t. the kernel of the decoder's last layer
+(taming's `last_layer = decoder.conv_out.weight`; the bias is left out, as there),
+obtained by re-applying only that layer to its sown input (no second backward through
+the decoder).
 """
 
 from __future__ import annotations
@@ -239,12 +241,15 @@ def vqgan_step(state: ts.TrainState, batch: dict, rng: jax.Array, *, settings: S
       lambda l: jnp.mean(losses.generator_loss(l, kind=s.gan_loss)))(fake_logits)
   _, g_adv = fake_vjp(g_cot)
 
-  # taming's adaptive weight from gradients at the decoder's last layer, averaged over
-  # devices so every device (and a 1-device run on the same global batch) agrees.
+  # taming's adaptive weight from gradients w.r.t. its `last_layer`, the decoder's
+  # `conv_out.weight` (the kernel, not the bias), averaged over devices so every device
+  # (and a 1-device run on the same global batch) agrees.
   if s.adaptive_weight:
     h = mutated['intermediates']['decoder']['conv_out_input'][0]
-    last = lambda p: s.output_layer.apply({'params': p}, h).astype(jnp.float32)
-    _, last_vjp = jax.vjp(last, state.params['decoder']['conv_out'])
+    conv_out = state.params['decoder']['conv_out']
+    last = lambda k: s.output_layer.apply({'params': {**conv_out, 'kernel': k}}, h
+                                          ).astype(jnp.float32)
+    _, last_vjp = jax.vjp(last, conv_out['kernel'])
     rec_last = jax.lax.pmean(last_vjp(g_rec)[0], AXIS)
     adv_last = jax.lax.pmean(last_vjp(g_adv)[0], AXIS)
     d_weight = losses.adaptive_generator_weight(rec_last, adv_last) * s.disc_weight
