@@ -3,12 +3,16 @@
 import json
 import pathlib
 
+import functools
+
 import chex
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from experiments import vqgan_cifar
 from experiments import vqvae_cifar
 from vq.config import builders
 from vq import data
@@ -61,6 +65,37 @@ def test_step_reduces_loss_and_codebook_moves():
   assert not np.allclose(host.vq_stats['quantizer']['codebook'],
                          fresh.vq_stats['quantizer']['codebook'])
   chex.assert_tree_all_finite(host.params)
+
+
+@pytest.mark.parametrize('objective', ['vqvae', 'vqgan'])
+def test_step_passes_only_rng_streams_that_some_module_reads(objective, monkeypatch):
+  """Every rng stream the step hands to `apply` is read by a module (`make_rng`)."""
+  if objective == 'vqvae':
+    config = _smoke(**{'quantizer.kind': 'vq', 'quantizer.restart_after': 1})
+  else:
+    config = vqgan_cifar.get_config('smoke')
+    config.loss.perceptual_weight = 0.0
+  # Shapes are all tracing needs: no initialiser has to compile or run.
+  state = jax.eval_shape(lambda: ts.create_train_state(config, ts.init_key(0), (32, 32, 3)))
+  passed, read = set(), set()
+  real_apply, real_make_rng = nn.Module.apply, nn.Module.make_rng
+
+  def apply(self, *args, rngs=None, **kwargs):
+    passed.update(rngs or {})
+    return real_apply(self, *args, rngs=rngs, **kwargs)
+
+  def make_rng(self, name='params'):
+    read.add(name)
+    return real_make_rng(self, name)
+
+  monkeypatch.setattr(nn.Module, 'apply', apply)
+  monkeypatch.setattr(nn.Module, 'make_rng', make_rng)
+  step = functools.partial(steps.train_step, settings=steps.StepSettings.from_config(config))
+  # Tracing is enough: every apply and make_rng call happens while the step is traced.
+  jax.make_jaxpr(step, axis_env=[('batch', 2)])(
+      state, {'image': np.zeros((4, 32, 32, 3), np.float32)}, jax.random.PRNGKey(0))
+  assert 'codebook' in read  # the upkeep's stream (k-means and restarts)
+  assert passed <= read, f'streams passed but never read: {passed - read}'
 
 
 def test_rng_is_per_step_and_per_device():

@@ -186,19 +186,18 @@ def vqvae_step(state: ts.TrainState, batch: dict, rng: jax.Array, *, settings: S
   """Reconstruction + codebook + commitment loss; one Adam step."""
   s = settings
   images = batch['image']
-  base_rng, rng = rng, step_rng(rng, state.step)
 
   def loss_fn(params):
     (recon, q), mutated = s.model.apply(
         {'params': params, 'vq_stats': state.vq_stats}, images, train=True,
-        mutable=['vq_stats', 'intermediates'], rngs={'quantizer': rng})
+        mutable=['vq_stats', 'intermediates'])
     rec = _reconstruction(s, recon, images)
     loss = s.recon_weight * rec + q.loss
     return loss, (rec, q, mutated)
 
   (loss, (rec, q, mutated)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
   new_state, norms = _apply_generator_update(s, state, grads, mutated.get('vq_stats', {}))
-  new_state, usage = _codebook_upkeep(s, new_state, q, mutated, base_rng)
+  new_state, usage = _codebook_upkeep(s, new_state, q, mutated, rng)
   metrics = {'loss': loss, 'recon_loss': rec, **_codebook_metrics(s, q, usage), **norms,
              'learning_rate': s.lr_schedule(state.step)}
   metrics = jax.lax.pmean(metrics, AXIS)
@@ -212,12 +211,11 @@ def vqgan_step(state: ts.TrainState, batch: dict, rng: jax.Array, *, settings: S
   s = settings
   images = batch['image']
   step = state.step
-  base_rng, rng = rng, step_rng(rng, step)
 
   def generator(params):
     (recon, q), mutated = s.model.apply(
         {'params': params, 'vq_stats': state.vq_stats}, images, train=True,
-        mutable=['vq_stats', 'intermediates'], rngs={'quantizer': rng})
+        mutable=['vq_stats', 'intermediates'])
     return (recon, q.loss), (q, mutated)
 
   (recon, q_loss), gen_vjp, (q, mutated) = jax.vjp(generator, state.params, has_aux=True)
@@ -260,7 +258,7 @@ def vqgan_step(state: ts.TrainState, batch: dict, rng: jax.Array, *, settings: S
 
   grads, = gen_vjp((g_rec + adv_scale * g_adv, jnp.ones_like(q_loss)))
   new_state, norms = _apply_generator_update(s, state, grads, mutated.get('vq_stats', {}))
-  new_state, usage = _codebook_upkeep(s, new_state, q, mutated, base_rng)
+  new_state, usage = _codebook_upkeep(s, new_state, q, mutated, rng)
 
   # Discriminator: hinge / non-saturating loss on detached fakes, LeCAM, R1.
   ema_real, ema_fake = state.gan_stats['ema_real_logit'], state.gan_stats['ema_fake_logit']
