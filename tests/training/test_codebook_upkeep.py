@@ -1,8 +1,11 @@
 """Codebook upkeep inside the pmapped train step: usage tracking, k-means, restarts, kinds."""
 
 
+import functools
+
 import chex
 import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 
@@ -12,6 +15,7 @@ from vq.evaluation import evaluator
 from vq import inference
 from vq.runtime import parallel
 from vq.runtime import state as ts
+from vq.training import step as steps
 from tests import train_util
 
 
@@ -66,6 +70,83 @@ def test_upkeep_under_pmap_equals_one_device_and_devices_agree(name):
     assert m_single[0]['restarted_codes'] == config.quantizer.num_codes
   else:
     assert 0 < m_single[0]['restarted_codes'] < config.quantizer.num_codes
+
+
+# Step 0 runs k-means, step 1 has no dead code (every code was rewritten at step 0),
+# step 2 restarts the codes idle since then: both branches of the upkeep gate run.
+GATED = {'quantizer.init': 'kmeans', 'quantizer.restart_after': 2}
+
+
+def _step_states(config, par, images_per_step, after_step=lambda: None):
+  """Host state and metrics after each step under `par` (a `parallel` implementation)."""
+  settings = steps.StepSettings.from_config(config)
+  p_step = par.step(functools.partial(steps.train_step, settings=settings))
+  p_state = par.replicate(ts.create_train_state(config, ts.init_key(0), (32, 32, 3)))
+  p_rng = par.replicate(jax.random.PRNGKey(1))
+  out = []
+  for images in images_per_step:
+    batch = par.shard({'image': images.reshape((2, -1) + images.shape[1:])})
+    p_state, metrics = p_step(p_state, batch, p_rng)
+    out.append((ts.checkpointable(par.to_host(p_state)), jax.device_get(par.unreplicate(metrics))))
+    after_step()
+  return out
+
+
+class _TwoDevicePmap(parallel.PmapParallel):
+  """The 'pmap' implementation on the first two local devices."""
+
+  @property
+  def devices(self):
+    return jax.local_devices()[:2]
+
+  def step(self, step_fn):
+    return parallel.pmap_train_step(step_fn, devices=self.devices)
+
+  def replicate(self, tree):
+    return parallel.replicate(tree, self.devices)
+
+  def shard(self, batch):
+    return parallel.shard(batch, self.devices)
+
+
+@pytest.mark.parametrize('kind', ['vq', 'ema'])
+def test_gated_upkeep_equals_ungated_rule_bit_for_bit(kind, monkeypatch):
+  config = _smoke(**{'quantizer.kind': kind, **GATED})
+  images = _images(3)
+  gated = _step_states(config, _TwoDevicePmap(), images)
+  assert [m['restarted_codes'] for _, m in gated][:2] == [config.quantizer.num_codes, 0]
+  assert gated[2][1]['restarted_codes'] > 0
+  # The rule before the gate: gather and maintain on every step.
+  monkeypatch.setattr(steps, 'upkeep_needed', lambda dead, kmeans_now: jnp.ones((), bool))
+  ungated = _step_states(config, _TwoDevicePmap(), images)
+  for (g_state, g_metrics), (u_state, u_metrics) in zip(gated, ungated):
+    chex.assert_trees_all_equal(g_state, u_state)
+    chex.assert_trees_all_equal(g_metrics, u_metrics)
+
+
+@pytest.mark.parametrize('kind', ['pmap', 'jit'])
+def test_upkeep_gathers_encoder_rows_only_on_steps_that_rewrite_codes(kind, monkeypatch):
+  gathers = []
+  real_all_gather = jax.lax.all_gather
+
+  def counting_all_gather(x, *args, **kwargs):
+    # Runs on the device each time the gather itself runs, not when it is traced.
+    jax.debug.callback(lambda: gathers.append(1))
+    return real_all_gather(x, *args, **kwargs)
+
+  monkeypatch.setattr(jax.lax, 'all_gather', counting_all_gather)
+  par = _TwoDevicePmap() if kind == 'pmap' else parallel.JitParallel(jax.local_devices()[:2])
+  per_step = []
+
+  def count():
+    jax.effects_barrier()
+    per_step.append(len(gathers))
+    gathers.clear()
+
+  states = _step_states(_smoke(**{'quantizer.kind': 'vq', **GATED}), par, _images(3), count)
+  # One gather per device on the k-means and restart steps, none in between.
+  assert per_step == [2, 0, 2]
+  assert [m['restarted_codes'] > 0 for _, m in states] == [True, False, True]
 
 
 def _encoder_outputs(config, state, images):

@@ -115,6 +115,43 @@ def _codebook_metrics(s: StepSettings, q, usage) -> Metrics:
 UPKEEP_ROWS_PER_DEVICE = 4096
 
 
+def upkeep_needed(dead: jax.Array, kmeans_now: jax.Array) -> jax.Array:
+  """Whether this step rewrites any code: some code is dead, or k-means runs now."""
+  return jnp.logical_or(jnp.any(dead), kmeans_now)
+
+
+def _maintain(s: StepSettings, state: ts.TrainState, lookup_input: jax.Array,
+              dead: jax.Array, kmeans_now: jax.Array, rng: jax.Array
+              ) -> tuple[ts.TrainState, jax.Array]:
+  """Gathers encoder rows from every device and rewrites dead codes (or all, k-means).
+
+  Returns the state with the new codebook (and reset statistics / Adam moments of the
+  rewritten rows) and the bool [K] mask of rewritten rows.
+  """
+  z = lookup_input.reshape(-1, lookup_input.shape[-1])
+  if z.shape[0] > UPKEEP_ROWS_PER_DEVICE:
+    pick = jax.random.choice(jax.random.fold_in(step_rng(rng, state.step), 1), z.shape[0],
+                             (UPKEEP_ROWS_PER_DEVICE,), replace=False)
+    z = z[pick]
+  z = jax.lax.all_gather(z, AXIS, tiled=True)
+  changed, variables = s.model.apply(
+      {'params': state.params, 'vq_stats': state.vq_stats}, z, dead, kmeans_now,
+      method=lambda m, *a: m.quantizer.maintain(*a), mutable=['params', 'vq_stats'],
+      rngs={'codebook': shared_step_rng(rng, state.step)})
+  params = variables['params']
+  # Adam moments of rewritten rows of a gradient-learned codebook start again from zero.
+  opt_state = state.opt_state
+  if 'codebook' in state.params.get('quantizer', {}):
+    mask = jax.tree.map(lambda x: jnp.zeros((), bool), state.params)
+    mask['quantizer']['codebook'] = changed[:, None]
+    opt_state = optax.tree_utils.tree_map_params(
+        state.tx, lambda x, m: jnp.where(m, jnp.zeros_like(x), x), opt_state, mask,
+        transform_non_params=lambda x: x)
+  state = state.replace(params=params, vq_stats=variables.get('vq_stats', state.vq_stats),
+                        opt_state=opt_state)
+  return state, changed
+
+
 def _codebook_upkeep(s: StepSettings, state: ts.TrainState, q, mutated: dict,
                      rng: jax.Array) -> tuple[ts.TrainState, Metrics]:
   """Usage tracking, then k-means initialisation and dead-code restarts.
@@ -122,38 +159,27 @@ def _codebook_upkeep(s: StepSettings, state: ts.TrainState, q, mutated: dict,
   Runs after the optimizer and EMA updates of this step, so that codes replaced here keep
   their reset statistics. Every device gathers the same rows and uses the same key, so all
   codebooks stay identical.
+
+  The gather of up to `UPKEEP_ROWS_PER_DEVICE` rows from every device onto every device
+  (devices * 4096 * dim floats) and the rewrite run under a `lax.cond`, only on steps
+  that rewrite a code (`upkeep_needed`); on the others they would leave the state
+  unchanged, so skipping them changes no result. `dead` and `kmeans_now` come from
+  replicated values, so every device takes the same branch (collectives inside agree).
   """
   done = state.step + 1
   usage = codebook_usage.update(state.code_usage, q.counts, done)
   restarted = jnp.zeros((), jnp.float32)
   if s.maintain:
-    z = mutated['intermediates']['quantizer']['lookup_input'][0]
-    z = z.reshape(-1, z.shape[-1])
-    if z.shape[0] > UPKEEP_ROWS_PER_DEVICE:
-      pick = jax.random.choice(jax.random.fold_in(step_rng(rng, state.step), 1), z.shape[0],
-                               (UPKEEP_ROWS_PER_DEVICE,), replace=False)
-      z = z[pick]
-    z = jax.lax.all_gather(z, AXIS, tiled=True)
     if s.restart_after > 0:
       dead = codebook_usage.dead_mask(usage, done, s.restart_after)
     else:
       dead = jnp.zeros((s.usage_size,), bool)
     kmeans_now = jnp.logical_and(s.kmeans_init, state.step == 0)
-    changed, variables = s.model.apply(
-        {'params': state.params, 'vq_stats': state.vq_stats}, z, dead, kmeans_now,
-        method=lambda m, *a: m.quantizer.maintain(*a), mutable=['params', 'vq_stats'],
-        rngs={'codebook': shared_step_rng(rng, state.step)})
-    params = variables['params']
-    # Adam moments of rewritten rows of a gradient-learned codebook start again from zero.
-    opt_state = state.opt_state
-    if 'codebook' in state.params.get('quantizer', {}):
-      mask = jax.tree.map(lambda x: jnp.zeros((), bool), state.params)
-      mask['quantizer']['codebook'] = changed[:, None]
-      opt_state = optax.tree_utils.tree_map_params(
-          state.tx, lambda x, m: jnp.where(m, jnp.zeros_like(x), x), opt_state, mask,
-          transform_non_params=lambda x: x)
-    state = state.replace(params=params, vq_stats=variables.get('vq_stats', state.vq_stats),
-                          opt_state=opt_state)
+    lookup_input = mutated['intermediates']['quantizer']['lookup_input'][0]
+    state, changed = jax.lax.cond(
+        upkeep_needed(dead, kmeans_now),
+        lambda st: _maintain(s, st, lookup_input, dead, kmeans_now, rng),
+        lambda st: (st, jnp.zeros_like(dead)), state)
     usage = codebook_usage.mark_restarted(usage, changed, done)
     restarted = jnp.sum(changed).astype(jnp.float32)
   # Dead: not chosen in the last `restart_after` steps (or the usage window without restarts).
