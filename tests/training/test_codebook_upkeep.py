@@ -156,17 +156,24 @@ def _encoder_outputs(config, state, images):
                     ).reshape(-1, config.quantizer.code_dim)
 
 
+def _chosen_codes(config, state, images):
+  """bool [K]: codes some encoder output of `images` is nearest to (numpy oracle)."""
+  z = _encoder_outputs(config, state, images)
+  codebook = np.asarray(state.vq_stats['quantizer']['codebook'] if config.quantizer.kind ==
+                        'ema' else state.params['quantizer']['codebook'])
+  d = ((z[:, None, :] - codebook[None]) ** 2).sum(-1)
+  chosen = np.zeros(len(codebook), bool)
+  chosen[np.argmin(d, axis=1)] = True
+  return z, chosen
+
+
 def test_restart_replaces_exactly_the_dead_codes_with_batch_encodings():
   # restart_after=1: every code not chosen in a step is dead at its end.
   config = _smoke(**{'quantizer.kind': 'ema', 'quantizer.restart_after': 1})
   off = _smoke(**{'quantizer.kind': 'ema'})
   (images,) = _images(1)
   fresh = ts.create_train_state(config, ts.init_key(0), (32, 32, 3))
-  z = _encoder_outputs(config, fresh, images)
-  codebook = np.asarray(fresh.vq_stats['quantizer']['codebook'])
-  d = ((z[:, None, :] - codebook[None]) ** 2).sum(-1)
-  chosen = np.zeros(len(codebook), bool)
-  chosen[np.argmin(d, axis=1)] = True
+  z, chosen = _chosen_codes(config, fresh, images)
 
   with_restarts, metrics = _run_steps(config, jax.local_devices()[:2], [images], fresh)
   without, _ = _run_steps(off, jax.local_devices()[:2], [images], fresh)
@@ -187,6 +194,34 @@ def test_restart_replaces_exactly_the_dead_codes_with_batch_encodings():
   usage = parallel.to_host(with_restarts).code_usage
   np.testing.assert_array_equal(np.asarray(usage['last_refreshed']), (~chosen).astype(int))
   np.testing.assert_array_equal(np.asarray(usage['last_used']), chosen.astype(int))
+
+
+@pytest.mark.parametrize('kind', ['vq', 'ema'])
+def test_evaluation_looks_up_restarted_codes_when_weights_are_averaged(kind):
+  """With train.ema_decay > 0 the codebook evaluated holds this step's restarted rows."""
+  decay = 0.5
+  config = _smoke(**{'quantizer.kind': kind, 'quantizer.restart_after': 1,
+                     'train.ema_decay': decay})
+  (images,) = _images(1)
+  fresh = ts.create_train_state(config, ts.init_key(0), (32, 32, 3))
+  z, chosen = _chosen_codes(config, fresh, images)
+  p_state, metrics = _run_steps(config, jax.local_devices()[:2], [images], fresh)
+  assert metrics[0]['restarted_codes'] == (~chosen).sum() > 0
+  host = parallel.to_host(p_state)
+  # What the evaluator and inference restore apply: eval_params with the live vq_stats.
+  evaluated = np.asarray(builders.build_tokenizer(config).apply(
+      {'params': ts.eval_params(host), 'vq_stats': host.vq_stats},
+      jnp.arange(config.quantizer.num_codes), method=lambda m, i: m.quantizer.lookup(i)))
+  gaps = np.min(((evaluated[~chosen][:, None, :] - z[None]) ** 2).sum(-1), axis=1)
+  np.testing.assert_allclose(gaps, 0.0, atol=1e-8)
+  # The other weights evaluated are the EMA: decay * initial + (1 - decay) * trained.
+  for name in ('encoder', 'decoder'):
+    chex.assert_trees_all_close(
+        ts.eval_params(host)[name],
+        jax.tree.map(lambda a, b: decay * a + (1 - decay) * b, fresh.params[name],
+                     host.params[name]), rtol=1e-6, atol=1e-7)
+  assert not np.allclose(host.params['decoder']['conv_out']['kernel'],
+                         fresh.params['decoder']['conv_out']['kernel'])
 
 
 def test_restart_resets_adam_moments_of_replaced_rows_only():
@@ -228,13 +263,26 @@ KINDS = {
 
 @pytest.mark.parametrize('name', sorted(KINDS))
 def test_every_quantizer_trains_under_pmap(name):
-  config = _smoke(**KINDS[name])
+  # With weight averaging on: every kind evaluates its live codebook (state.py docstring).
+  config = _smoke(**KINDS[name], **{'train.ema_decay': 0.5})
   p_state, metrics = _run_steps(config, jax.local_devices()[:2], _images(2))
   _assert_devices_agree(p_state)
   for m in metrics:
     assert np.isfinite(m['loss']) and np.isfinite(m['grad_norm']), m
   model = builders.build_tokenizer(config)
-  assert parallel.to_host(p_state).code_usage['last_used'].shape == (model.quantizer.usage_size,)
+  host = parallel.to_host(p_state)
+  assert host.code_usage['last_used'].shape == (model.quantizer.usage_size,)
+  evaluated = {'params': ts.eval_params(host), 'vq_stats': host.vq_stats}
+  live = {'params': host.params, 'vq_stats': host.vq_stats}
+  assert not np.allclose(evaluated['params']['encoder']['conv1']['kernel'],
+                         live['params']['encoder']['conv1']['kernel'])
+  if name in ('fsq', 'lfq'):
+    return  # a fixed code grid, no codebook
+  codes = lambda m, i: jnp.stack([level.lookup(i) for level in getattr(
+      m.quantizer, 'levels', [m.quantizer])])
+  every_code = jnp.arange(config.quantizer.num_codes)
+  np.testing.assert_array_equal(model.apply(evaluated, every_code, method=codes),
+                                model.apply(live, every_code, method=codes))
 
 
 @pytest.mark.parametrize('name, bits_per_token', [('fsq', 6.0), ('lfq', 6.0), ('rvq', 18.0)])

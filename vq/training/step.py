@@ -156,9 +156,10 @@ def _codebook_upkeep(s: StepSettings, state: ts.TrainState, q, mutated: dict,
                      rng: jax.Array) -> tuple[ts.TrainState, Metrics]:
   """Usage tracking, then k-means initialisation and dead-code restarts.
 
-  Runs after the optimizer and EMA updates of this step, so that codes replaced here keep
-  their reset statistics. Every device gathers the same rows and uses the same key, so all
-  codebooks stay identical.
+  Runs after the optimizer update and the quantizer's own statistics update of this step,
+  so that codes replaced here keep their reset statistics, and before the weights' EMA
+  (`_update_ema`), so that it copies the rewritten codebook. Every device gathers the same
+  rows and uses the same key, so all codebooks stay identical.
 
   The gather of up to `UPKEEP_ROWS_PER_DEVICE` rows from every device onto every device
   (devices * 4096 * dim floats) and the rewrite run under a `lax.cond`, only on steps
@@ -197,14 +198,17 @@ def _apply_generator_update(s: StepSettings, state: ts.TrainState, grads, new_vq
   grads = jax.lax.pmean(grads, AXIS)
   updates, opt_state = state.tx.update(grads, state.opt_state, state.params)
   params = optax.apply_updates(state.params, updates)
-  ema_params = state.ema_params
-  if s.ema_decay > 0:
-    ema_params = jax.tree.map(lambda e, p: s.ema_decay * e + (1.0 - s.ema_decay) * p,
-                              state.ema_params, params)
-  state = state.replace(params=params, opt_state=opt_state, vq_stats=new_vq_stats,
-                        ema_params=ema_params)
+  state = state.replace(params=params, opt_state=opt_state, vq_stats=new_vq_stats)
   return state, {'grad_norm': optax.global_norm(grads),
                  'param_norm': optax.global_norm(params)}
+
+
+def _update_ema(s: StepSettings, state: ts.TrainState) -> ts.TrainState:
+  """The weights' EMA, after codebook upkeep (`ts.update_ema_params`: codebooks copied)."""
+  if s.ema_decay <= 0:
+    return state
+  return state.replace(
+      ema_params=ts.update_ema_params(state.ema_params, state.params, s.ema_decay))
 
 
 def vqvae_step(state: ts.TrainState, batch: dict, rng: jax.Array, *, settings: StepSettings
@@ -224,6 +228,7 @@ def vqvae_step(state: ts.TrainState, batch: dict, rng: jax.Array, *, settings: S
   (loss, (rec, q, mutated)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
   new_state, norms = _apply_generator_update(s, state, grads, mutated.get('vq_stats', {}))
   new_state, usage = _codebook_upkeep(s, new_state, q, mutated, rng)
+  new_state = _update_ema(s, new_state)
   metrics = {'loss': loss, 'recon_loss': rec, **_codebook_metrics(s, q, usage), **norms,
              'learning_rate': s.lr_schedule(state.step)}
   metrics = jax.lax.pmean(metrics, AXIS)
@@ -285,6 +290,7 @@ def vqgan_step(state: ts.TrainState, batch: dict, rng: jax.Array, *, settings: S
   grads, = gen_vjp((g_rec + adv_scale * g_adv, jnp.ones_like(q_loss)))
   new_state, norms = _apply_generator_update(s, state, grads, mutated.get('vq_stats', {}))
   new_state, usage = _codebook_upkeep(s, new_state, q, mutated, rng)
+  new_state = _update_ema(s, new_state)
 
   # Discriminator: hinge / non-saturating loss on detached fakes, LeCAM, R1.
   ema_real, ema_fake = state.gan_stats['ema_real_logit'], state.gan_stats['ema_fake_logit']
