@@ -44,7 +44,7 @@ def get_prior_config() -> ml_collections.ConfigDict:
   c.train.end_lr_factor = 0.1    # cosine: final lr / peak lr
   c.train.b1 = 0.9               # Adam beta1
   c.train.b2 = 0.95              # Adam beta2
-  c.train.weight_decay = 0.0     # decoupled weight decay (AdamW) when > 0
+  c.train.weight_decay = 0.01    # AdamW decay of dense kernels (not biases, norms, embeddings)
   c.train.grad_clip = 0.0        # clip gradients to this global norm when > 0
   c.train.log_every = 100        # steps between metric logs
   c.train.checkpoint_every = 1000  # steps between checkpoints (and one at the end)

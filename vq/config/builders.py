@@ -9,6 +9,8 @@ Usage sketch::
 
 from __future__ import annotations
 
+from typing import Any
+
 import flax.linen as nn
 import jax.numpy as jnp
 import ml_collections
@@ -115,15 +117,19 @@ def learning_rate_schedule(lr: float, train: ml_collections.ConfigDict) -> optax
 
 
 def build_optimizer(train: ml_collections.ConfigDict, *, learning_rate: float | None = None,
-                    b1: float | None = None, b2: float | None = None
-                    ) -> optax.GradientTransformation:
-  """Adam(W) with the schedule above and optional global-norm clipping."""
+                    b1: float | None = None, b2: float | None = None,
+                    decay_mask: Any = None) -> optax.GradientTransformation:
+  """Adam(W) with the schedule above and optional global-norm clipping.
+
+  `decay_mask` (a pytree of bools like the params, or a function of the params giving one)
+  limits weight decay to some parameters; None decays all of them.
+  """
   lr = learning_rate_schedule(train.learning_rate if learning_rate is None else learning_rate,
                               train)
   b1 = train.b1 if b1 is None else b1
   b2 = train.b2 if b2 is None else b2
   if train.weight_decay > 0:
-    opt = optax.adamw(lr, b1=b1, b2=b2, weight_decay=train.weight_decay)
+    opt = optax.adamw(lr, b1=b1, b2=b2, weight_decay=train.weight_decay, mask=decay_mask)
   else:
     opt = optax.adam(lr, b1=b1, b2=b2)
   if train.grad_clip > 0:

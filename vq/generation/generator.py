@@ -65,13 +65,14 @@ STRUCTURAL_FIELDS = ('objective', 'prior.width', 'prior.depth', 'prior.num_heads
 
 def incompatible_fields(saved: dict, current: dict) -> list[str]:
   """'field: saved X, now Y' for every difference that changes the saved state."""
+  lookup = checkpointing._lookup  # pylint: disable=protected-access
   out = []
   for field in STRUCTURAL_FIELDS:
-    a, b = checkpointing._lookup(saved, field), checkpointing._lookup(current, field)  # pylint: disable=protected-access
+    a, b = lookup(saved, field), lookup(current, field)
     if a != b:
       out.append(f'{field}: saved {a!r}, now {b!r}')
   for field in ('train.grad_clip', 'train.weight_decay'):
-    a, b = checkpointing._lookup(saved, field), checkpointing._lookup(current, field)  # pylint: disable=protected-access
+    a, b = lookup(saved, field), lookup(current, field)
     if a is not None and b is not None and (a > 0) != (b > 0):
       out.append(f'{field}: saved {a!r}, now {b!r} (on/off changes the saved state)')
   return out
@@ -95,12 +96,20 @@ def build_model(config: ml_collections.ConfigDict, layout: priors.TokenLayout):
                             dtype=builders.compute_dtype(p.dtype))
 
 
+def decay_mask(params: Any) -> Any:
+  """Weight decay on the kernels of dense layers only: never on biases, LayerNorm scales,
+  the token and position embeddings (minGPT's / taming's `configure_optimizers` split)."""
+  flat = flax.traverse_util.flatten_dict(params)
+  return flax.traverse_util.unflatten_dict(
+      {k: k[-1] == 'kernel' for k in flat})
+
+
 def create_state(config: ml_collections.ConfigDict, model, layout: priors.TokenLayout,
                  key: jax.Array) -> PriorState:
   """Fresh parameters and optimizer state (host arrays)."""
   dummy = jnp.zeros((1, layout.length + 1), jnp.int32)
   params = jax.jit(lambda k: model.init(k, dummy)['params'])(key)
-  tx = builders.build_optimizer(config.train)
+  tx = builders.build_optimizer(config.train, decay_mask=decay_mask)
   return PriorState(step=jnp.zeros((), jnp.int32), params=params,
                     opt_state=jax.jit(tx.init)(params), tx=tx)
 
@@ -176,7 +185,7 @@ def read_prior_config(workdir: str | os.PathLike) -> ml_collections.ConfigDict:
     raise FileNotFoundError(f'{path} does not exist: {workdir} is not the --workdir of a '
                             'trained prior; train one first (run.py --config=experiments/'
                             'gpt_cifar.py --workdir=DIR ...).')
-  config = ml_collections.ConfigDict(token_data._tuples(json.loads(path.read_text())))  # pylint: disable=protected-access
+  config = ml_collections.ConfigDict(token_data.tuples(json.loads(path.read_text())))
   if not validation.is_prior(config):
     raise ValueError(f'{workdir} holds a {config.get("objective")!r} run, not a token prior; '
                      'for tokenizers use vq.Tokenizer.from_workdir.')

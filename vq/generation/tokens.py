@@ -40,12 +40,12 @@ from vq.generation import validation
 _TOKENIZER_OBJECTIVES = ('vqvae', 'vqgan')
 
 
-def _tuples(value: Any) -> Any:
+def tuples(value: Any) -> Any:
   """JSON lists back to the tuples the configs use (module fields must be hashable)."""
   if isinstance(value, dict):
-    return {k: _tuples(v) for k, v in value.items()}
+    return {k: tuples(v) for k, v in value.items()}
   if isinstance(value, list):
-    return tuple(_tuples(v) for v in value)
+    return tuple(tuples(v) for v in value)
   return value
 
 
@@ -62,7 +62,7 @@ def tokenizer_config(workdir: str | os.PathLike) -> ml_collections.ConfigDict:
                      'is not a vq tokenizer workdir; pass the --workdir a tokenizer was '
                      'trained in.')
   try:
-    config = ml_collections.ConfigDict(_tuples(json.loads(config_file.read_text())))
+    config = ml_collections.ConfigDict(tuples(json.loads(config_file.read_text())))
   except ValueError as e:
     raise ValueError(f'{config_file} is not valid JSON ({e}); it is not a vq tokenizer '
                      'workdir.') from None
@@ -167,23 +167,26 @@ def encoded_split(tok: inference.Tokenizer, ident: dict[str, Any], spec: str,
   return TokenSplit(tokens, labels, spec)
 
 
-def prepare(config: ml_collections.ConfigDict, workdir, *, saved_identity=None
-                   ) -> tuple[Any, dict, TokenSplit, TokenSplit]:
-  """(tokenizer, identity, train grids, held-out grids): loaded, checked, cached."""
-  tok = load_tokenizer(config.prior.tokenizer_workdir,
-                                  step=config.prior.tokenizer_step or None)
+def prepare(config: ml_collections.ConfigDict, workdir: pathlib.Path, *,
+            saved_identity: dict | None = None
+            ) -> tuple[inference.Tokenizer, dict, TokenSplit, TokenSplit]:
+  """(tokenizer, identity, train grids, held-out grids) of a prior: loaded, checked, cached.
+
+  `saved_identity` is the tokenizer a checkpoint of this prior was trained on (None for a
+  fresh prior): another tokenizer is refused.
+  """
+  tok = load_tokenizer(config.prior.tokenizer_workdir, step=config.prior.tokenizer_step or None)
   ident = identity(tok, config.prior.tokenizer_workdir)
   check_same_tokenizer(saved_identity, ident)
   validation.check_token_space(config, tok.token_shape)
   cache = workdir / 'tokens'
   data_dir = config.data.data_dir or None
-  train = encoded_split(tok, ident, config.data.dataset, cache,
-                                   flip=config.prior.flip, data_dir=data_dir,
-                                   max_examples=config.data.max_examples,
-                                   download=config.data.download)
+  train = encoded_split(tok, ident, config.data.dataset, cache, flip=config.prior.flip,
+                        data_dir=data_dir, max_examples=config.data.max_examples,
+                        download=config.data.download)
   held_out = encoded_split(tok, ident, config.eval.dataset, cache, flip=False,
-                                      data_dir=data_dir, max_examples=config.eval.max_examples,
-                                      download=config.data.download)
+                           data_dir=data_dir, max_examples=config.eval.max_examples,
+                           download=config.data.download)
   num_classes = config.data.num_classes
   if num_classes and train.labels.max() >= num_classes:
     raise ValueError(f'config.data.num_classes={num_classes} but {config.data.dataset} has '

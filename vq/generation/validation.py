@@ -23,6 +23,11 @@ from vq.generation import priors
 ConfigError = base.ConfigError
 OBJECTIVES = priors.KINDS
 DTYPES = ('float32', 'bfloat16')
+# The tokenizer config's rule helpers: one message format for every config.
+_fail = base._fail  # pylint: disable=protected-access
+_choice = base._choice  # pylint: disable=protected-access
+_get = base._get  # pylint: disable=protected-access
+_at_least = base._at_least  # pylint: disable=protected-access
 
 
 def is_prior(config: ml_collections.ConfigDict) -> bool:
@@ -34,16 +39,15 @@ def validate(config: ml_collections.ConfigDict, *, num_devices: int,
              process_count: int = 1) -> None:
   """Raises `ConfigError` on the first rule `config` breaks."""
   c = config
-  base._choice(c, 'objective', OBJECTIVES)  # pylint: disable=protected-access
-  base._choice(c, 'prior.dtype', DTYPES)  # pylint: disable=protected-access
-  base._choice(c, 'train.schedule', base.SCHEDULES)  # pylint: disable=protected-access
-  base._choice(c, 'train.parallel', base.PARALLEL)  # pylint: disable=protected-access
+  _choice(c, 'objective', OBJECTIVES)
+  _choice(c, 'prior.dtype', DTYPES)
+  _choice(c, 'train.schedule', base.SCHEDULES)
+  _choice(c, 'train.parallel', base.PARALLEL)
   if not c.prior.tokenizer_workdir:
-    base._fail('prior.tokenizer_workdir', c.prior.tokenizer_workdir,  # pylint: disable=protected-access
-               'is empty: a prior learns the tokens of a trained tokenizer',
-               'pass --config.prior.tokenizer_workdir=DIR, the --workdir of a run of '
-               'experiments/vqvae_cifar.py (or another tokenizer config)')
-  at_least = base._at_least  # pylint: disable=protected-access
+    _fail('prior.tokenizer_workdir', c.prior.tokenizer_workdir,
+          'is empty: a prior learns the tokens of a trained tokenizer',
+          'pass --config.prior.tokenizer_workdir=DIR, the --workdir of a run of '
+          'experiments/vqvae_cifar.py (or another tokenizer config)')
   for field, low in (('prior.tokenizer_step', 0), ('prior.width', 1), ('prior.depth', 1),
                      ('prior.num_heads', 1), ('prior.mlp_ratio', 1), ('prior.dropout', 0.0),
                      ('data.num_classes', 0), ('data.max_examples', 0),
@@ -57,36 +61,36 @@ def validate(config: ml_collections.ConfigDict, *, num_devices: int,
                      ('sample.batch_size', 1), ('sample.seed', 0), ('eval.batch_size', 1),
                      ('eval.max_examples', 0), ('eval.num_samples', 1),
                      ('eval.grid_per_class', 1)):
-    at_least(c, field, low)
-  at_least(c, 'train.learning_rate', 0.0, strict=True)
-  at_least(c, 'sample.temperature', 0.0, strict=True)
+    _at_least(c, field, low)
+  _at_least(c, 'train.learning_rate', 0.0, strict=True)
+  _at_least(c, 'sample.temperature', 0.0, strict=True)
   if c.prior.width % c.prior.num_heads:
-    base._fail('prior.num_heads', c.prior.num_heads,  # pylint: disable=protected-access
-               f'does not divide prior.width={c.prior.width}',
-               f'use a divisor of {c.prior.width}, e.g. 8')
+    _fail('prior.num_heads', c.prior.num_heads,
+          f'does not divide prior.width={c.prior.width}',
+          f'use a divisor of {c.prior.width}, e.g. 8')
   if not 0.0 <= c.prior.class_dropout < 1.0:
-    base._fail('prior.class_dropout', c.prior.class_dropout,  # pylint: disable=protected-access
-               'must be in [0, 1)', 'use e.g. 0.1 (0 disables guidance training)')
+    _fail('prior.class_dropout', c.prior.class_dropout,
+          'must be in [0, 1)', 'use e.g. 0.1 (0 disables guidance training)')
   if not 0.0 < c.sample.top_p <= 1.0:
-    base._fail('sample.top_p', c.sample.top_p, 'must be in (0, 1]',  # pylint: disable=protected-access
-               'use 1.0 for no nucleus filtering, or e.g. 0.9')
+    _fail('sample.top_p', c.sample.top_p, 'must be in (0, 1]',
+          'use 1.0 for no nucleus filtering, or e.g. 0.9')
   if not 0.0 < c.eval.mask_ratio < 1.0:
-    base._fail('eval.mask_ratio', c.eval.mask_ratio, 'must be in (0, 1)',  # pylint: disable=protected-access
-               'use e.g. 0.5')
+    _fail('eval.mask_ratio', c.eval.mask_ratio, 'must be in (0, 1)',
+          'use e.g. 0.5')
   if c.sample.guidance != 1.0 and c.data.num_classes == 0:
-    base._fail('sample.guidance', c.sample.guidance,  # pylint: disable=protected-access
-               'needs a class-conditional prior (data.num_classes=0)',
-               'leave sample.guidance at 1.0 for an unconditional prior')
+    _fail('sample.guidance', c.sample.guidance,
+          'needs a class-conditional prior (data.num_classes=0)',
+          'leave sample.guidance at 1.0 for an unconditional prior')
   total = num_devices * process_count
   for field in ('train.batch_size', 'eval.batch_size', 'sample.batch_size'):
-    value = base._get(c, field)  # pylint: disable=protected-access
+    value = _get(c, field)
     if value % total:
-      base._fail(field, value, f'is not divisible by the {total} devices ({num_devices} '  # pylint: disable=protected-access
-                 f'local x {process_count} processes)',
-                 f'use a multiple of {total}, e.g. {max(total, value // total * total)}')
+      _fail(field, value, f'is not divisible by the {total} devices ({num_devices} '
+            f'local x {process_count} processes)',
+            f'use a multiple of {total}, e.g. {max(total, value // total * total)}')
   for field in ('data.dataset', 'eval.dataset'):
     try:
-      data.parse_spec(base._get(c, field))  # pylint: disable=protected-access
+      data.parse_spec(_get(c, field))
     except ValueError as e:
       raise ConfigError(f'config.{field}: {e}') from None
 
@@ -95,9 +99,9 @@ def check_token_space(config: ml_collections.ConfigDict, grid: Sequence[int]) ->
   """Rules that need the tokenizer: MaskGIT's iterations fit the grid."""
   length = int(np.prod(grid))
   if config.objective == 'maskgit' and config.sample.num_iterations > length:
-    base._fail('sample.num_iterations', config.sample.num_iterations,  # pylint: disable=protected-access
-               f'exceeds the {length} tokens of a {"x".join(map(str, grid))} grid',
-               f'use at most {length} (8-12 is usual)')
+    _fail('sample.num_iterations', config.sample.num_iterations,
+          f'exceeds the {length} tokens of a {"x".join(map(str, grid))} grid',
+          f'use at most {length} (8-12 is usual)')
 
 
 def check_labels(labels: Any, num_classes: int) -> np.ndarray:
