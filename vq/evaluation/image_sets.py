@@ -66,12 +66,15 @@ class ImageSetScorer:
         unavailable['inception'] = _one_line(e)
     if classifier:
       from vq.evaluation import classifier as classifier_lib  # pylint: disable=g-import-not-at-top
-      if image_size != classifier_lib.IMAGE_SIZE:
-        unavailable['probs'] = (f'the classifier takes {classifier_lib.IMAGE_SIZE}x'
-                                f'{classifier_lib.IMAGE_SIZE} images, these are '
+      side = classifier_lib.IMAGE_SHAPE[0]
+      if image_size != side:
+        unavailable['probs'] = (f'the classifier takes {side}x{side} images, these are '
                                 f'{image_size}x{image_size}')
       else:
-        networks['probs'] = (classifier_lib.probabilities_fn(), classifier_lib.load_params())
+        clf = classifier_lib.load_classifier()
+        networks['probs'] = (
+            lambda v, x: jax.nn.softmax(clf.model.apply(v, x, train=False), axis=-1),
+            clf.variables)
     return cls(networks, unavailable, batch_size)
 
   def features(self, images: np.ndarray) -> dict[str, np.ndarray]:
@@ -107,7 +110,7 @@ class ImageSetScorer:
     out: dict[str, Any] = {'num_fake': int(len(fake['vgg'])), 'num_real': int(len(real['vgg']))}
     out['fd_vgg'] = _frechet(fake['vgg'], real['vgg'])
     pr = precision_recall.precision_recall(real['vgg'], fake['vgg'], k=3)
-    out['precision'], out['recall'] = float(pr['precision']), float(pr['recall'])
+    out['precision'], out['recall'] = pr['precision'], pr['recall']
     if 'inception' in fake:
       out['gfid'] = _frechet(fake['inception'], real['inception'])
     else:
@@ -115,10 +118,11 @@ class ImageSetScorer:
       out['gfid_unavailable'] = self.unavailable.get('inception', 'not asked for')
     if 'probs' in fake:
       from vq.evaluation import classifier as classifier_lib  # pylint: disable=g-import-not-at-top
-      out['classifier_score'] = float(classifier_lib.classifier_score(fake['probs']))
+      probs = fake['probs'].astype(np.float64)
+      probs /= probs.sum(axis=1, keepdims=True)  # float32 softmax rows are off by ~1e-7
+      out['classifier_score'] = classifier_lib.classifier_score(probs)
       if labels is not None and np.all(np.asarray(labels) >= 0):
-        out['classifier_accuracy'] = float(
-            classifier_lib.classifier_accuracy(fake['probs'], labels))
+        out['classifier_accuracy'] = classifier_lib.classifier_accuracy(probs, labels)
     elif 'probs' in self.unavailable:
       out['classifier_unavailable'] = self.unavailable['probs']
     return out
