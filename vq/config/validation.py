@@ -27,7 +27,7 @@ QUANTIZER_OPTIONS = {
     'restart_after': (0, ('vq', 'ema')),
     'lookup_dim': (0, ('vq', 'ema')),
     'l2_normalize': (False, ('vq', 'ema')),
-    'gradient': ('ste', ('vq', 'ema')),
+    'gradient': ('ste', ('vq', 'ema', 'rvq')),
     'entropy_weight': (0.0, ('vq', 'ema', 'lfq')),
 }
 # LFQ's entropy penalty sums over all 2**bits codes for every position.
