@@ -226,6 +226,24 @@ def test_eval_step_masks_padding_rows_whatever_their_values(state, eval_images):
   assert sums['num_examples'][0] == 2
 
 
+def test_eval_step_does_not_compute_the_lfq_entropy_penalty():
+  # 8 images of 8x8 tokens: the penalty's softmax would be [512 positions, 128 codes].
+  config = _smoke(**{'quantizer.kind': 'lfq', 'quantizer.num_codes': 128,
+                     'quantizer.entropy_weight': 0.1, 'quantizer.init': 'random',
+                     'quantizer.restart_after': 0})
+  batch = {'image': np.zeros((8, 32, 32, 3), np.float32), 'mask': np.ones(8, bool),
+           'label': np.zeros(8, np.int32)}
+  model = builders.build_tokenizer(config)
+  # Shapes are all tracing needs.
+  variables = jax.eval_shape(model.init, jax.random.key(0), batch['image'])
+  step = evaluator.make_eval_step(config, with_lpips=False)
+  jaxpr = str(jax.make_jaxpr(step, axis_env=[(evaluator.AXIS, 1)])(
+      variables['params'], variables.get('vq_stats', {}), {}, batch))
+  train_jaxpr = str(jax.make_jaxpr(lambda v, x: model.apply(v, x, train=True))(
+      variables, batch['image']))
+  assert 'f32[512,128]' in train_jaxpr and 'f32[512,128]' not in jaxpr
+
+
 def test_rfid_is_null_with_the_reason_when_weights_are_missing(tmp_path, cache_dir, state,
                                                                 eval_images):
   config = _smoke(**{'eval.dataset': _write_npz(tmp_path / 'e.npz', eval_images),

@@ -266,7 +266,7 @@ def test_entropy_penalty_matches_numpy_and_enters_loss(cls):
                entropy_temperature=temperature)
   cb = _codebook(7)
   z = np.random.default_rng(8).normal(size=(3, 5, D)).astype(np.float32)
-  out = _apply(module, _vars_for(cls, cb), z)
+  out, _ = _train(module, _vars_for(cls, cb), z)  # a training term: train=True
   expected = _np_entropy_loss(z.reshape(-1, D), cb, temperature)
   assert abs(expected) > 0.1  # not a vacuous comparison
   np.testing.assert_allclose(out.entropy_loss, expected, rtol=1e-5, atol=1e-6)
@@ -279,12 +279,27 @@ def test_entropy_penalty_matches_numpy_and_enters_loss(cls):
   np.testing.assert_allclose(plain.loss, out.loss - weight * expected, rtol=1e-5)
 
 
+@pytest.mark.parametrize('cls', CLASSES)
+def test_entropy_penalty_only_in_training(cls):
+  module = cls(num_codes=K, code_dim=D, beta=BETA, entropy_weight=0.3)
+  cb = _codebook(7)
+  z = np.random.default_rng(8).normal(size=(3, 5, D)).astype(np.float32)
+  out = _apply(module, _vars_for(cls, cb), z)  # train=False: evaluation, tokenizing
+  flat = z.reshape(-1, D).astype(np.float64)
+  codes = cb[np.argmin(_np_sq_dist(flat, cb), axis=-1)]
+  mse = np.mean((flat - codes) ** 2)
+  assert float(out.entropy_loss) == 0.0
+  learned = cls is quantizers.VectorQuantizer  # its codebook term equals the commitment
+  np.testing.assert_allclose(out.loss, (BETA + learned) * mse, rtol=1e-5)
+
+
 def test_entropy_penalty_gradient_finite_when_probabilities_underflow():
   # Far from every code at T = 0.01: most softmax entries are exactly 0 in float32.
   cb = _codebook(9)
   z = (20.0 * np.random.default_rng(10).normal(size=(6, D))).astype(np.float32)
   module = quantizers.VectorQuantizer(num_codes=K, code_dim=D, entropy_weight=1.0)
-  grad_fn = jax.grad(lambda p, z: module.apply({'params': p}, z).entropy_loss, argnums=(0, 1))
+  grad_fn = jax.grad(lambda p, z: module.apply({'params': p}, z, train=True).entropy_loss,
+                     argnums=(0, 1))
   grads = jax.jit(grad_fn)({'codebook': jnp.asarray(cb)}, jnp.asarray(z))
   chex.assert_tree_all_finite(grads)
 
@@ -299,7 +314,7 @@ def test_entropy_penalty_under_pmap_equals_single_device():
   z = np.random.default_rng(12).normal(size=(num_devices, 3, D)).astype(np.float32)
 
   def entropy(module, params, z):
-    return module.apply({'params': params}, z).entropy_loss
+    return module.apply({'params': params}, z, train=True).entropy_loss
 
   def per_device(params, z):
     value, grad = jax.value_and_grad(functools.partial(entropy, sharded))(params, z)
