@@ -20,6 +20,7 @@ from vq.config import validation as config_validation
 from vq.quantizers import residual as residual_vq
 from vq.models import tokenizer
 from tests import train_util
+from tests.quantizers import test_rotation
 
 K = 8  # codes per level
 D = 3  # code dimension
@@ -134,21 +135,6 @@ def test_gradients_straight_through_on_total_and_per_level_losses():
                                atol=1e-6)
 
 
-def _np_plane_rotation(z, e):
-  """The rotation by angle(z, e) in the plane of z and e (identity off it), float64.
-
-  Built from the angle's cosine and sine, not from the Householder form rotate_to uses.
-  """
-  u = z / np.linalg.norm(z)
-  w = e / np.linalg.norm(e)
-  cos = u @ w
-  v = w - cos * u
-  sin = np.linalg.norm(v)
-  v = v / sin
-  return (np.eye(len(z)) + (cos - 1.0) * (np.outer(u, u) + np.outer(v, v))
-          + sin * (np.outer(v, u) - np.outer(u, v)))
-
-
 @pytest.mark.parametrize('base', ['ema', 'vq'])
 def test_rotation_gradient_composes_each_levels_rotation(base):
   codebooks = _codebooks(2)
@@ -167,14 +153,15 @@ def test_rotation_gradient_composes_each_levels_rotation(base):
   for name in ('commitment_loss', 'codebook_loss', 'loss', 'counts'):
     np.testing.assert_array_equal(getattr(out, name), getattr(ste_out, name), err_msg=name)
 
-  # Oracle: level l's surrogate is lambda_l R_l (R_l turns r_l onto e_l, lambda_l =
-  # |e_l| / |r_l|); the decoder input is z - s_depth with s_{l+1} = (I - lambda_l R_l) s_l,
-  # so its Jacobian is I - prod_l (I - lambda_l R_l), last level leftmost.
+  # Oracle: level l's surrogate is lambda_l R_l (R_l, built from the angle's cos and sin,
+  # turns r_l onto e_l in their plane; lambda_l = |e_l| / |r_l|); the decoder input is
+  # z - s_depth with s_{l+1} = (I - lambda_l R_l) s_l, so its Jacobian is
+  # I - prod_l (I - lambda_l R_l), last level leftmost.
   grad = jax.jit(jax.grad(lambda z: jnp.sum(w * rot.apply(variables, z).quantized)))(z)
   for m in range(len(z)):
     remainder = np.eye(D)
     for r, e in zip(residuals, codes):
-      rotation = _np_plane_rotation(r[m], e[m])
+      rotation = test_rotation.np_plane_rotation(r[m], e[m])
       np.testing.assert_allclose(rotation @ r[m] / np.linalg.norm(r[m]),
                                  e[m] / np.linalg.norm(e[m]), atol=1e-12)
       remainder = (np.eye(D) - np.linalg.norm(e[m]) / np.linalg.norm(r[m]) * rotation) @ remainder
