@@ -6,7 +6,7 @@ r"""Prints the config reference (every field of experiments/base.py) as markdown
 
 The tables are generated from the source of `experiments/base.py`, so they cannot drift
 from it: each `c.<section>.<field> = <value>  # meaning` line gives one row, with the
-default exactly as written there. `tests/test_config_reference.py` fails when README.md
+default exactly as written there. `tests/config/test_config_reference.py` fails when README.md
 holds an older version of the block.
 """
 
@@ -110,19 +110,20 @@ def _cell(text: str) -> str:
 
 
 def render(fields: Sequence[Field]) -> str:
-  """Markdown: a short preamble, then one table per section in source order."""
-  sections: dict[str, list[Field]] = {}
-  for f in fields:
-    sections.setdefault(f.section, []).append(f)
+  """Markdown: a short preamble, then one table of every field in source order.
+
+  One table rather than one per section keeps the README short; the dotted paths
+  (`data.dataset`) already name each field's section.
+  """
   out = [
       'Every config field, its default in `experiments/base.py` and what it means. Generated '
       'from that file by `python tools/config_reference.py --write` (a test fails when this '
       'block is stale). Override any of them as `--config.<section>.<field>=value`.',
+      '',
+      '| field | default | meaning |',
+      '|---|---|---|',
   ]
-  for section, rows in sections.items():
-    title = f'`config.{section}`' if section else 'top level'
-    out += ['', f'**{title}**', '', '| field | default | meaning |', '|---|---|---|']
-    out += [f'| `{_cell(f.path)}` | `{_cell(f.default)}` | {_cell(f.comment)} |' for f in rows]
+  out += [f'| `{_cell(f.path)}` | `{_cell(f.default)}` | {_cell(f.comment)} |' for f in fields]
   return '\n'.join(out) + '\n'
 
 
