@@ -2,6 +2,7 @@
 
 
 import functools
+import types
 
 import chex
 import jax
@@ -256,24 +257,116 @@ KINDS = {
     'lfq': {'quantizer.kind': 'lfq', 'quantizer.num_codes': 64,
             'quantizer.entropy_weight': 0.1},
     'rvq': {'quantizer.kind': 'rvq', 'quantizer.rvq_depth': 3},
-    'rotation': {'quantizer.kind': 'vq', 'quantizer.gradient': 'rotation'},
+    'rvq_rotation': {'quantizer.kind': 'rvq', 'quantizer.rvq_depth': 2,
+                     'quantizer.gradient': 'rotation'},
+    'rotation': {'quantizer.kind': 'vq', 'quantizer.gradient': 'rotation',
+                 'quantizer.restart_after': 1},
     'entropy': {'quantizer.kind': 'ema', 'quantizer.entropy_weight': 0.1},
 }
 
 
+def _nearest(z, codebook, margin=1e-5):
+  d = ((z[:, None, :] - codebook[None]) ** 2).sum(-1)
+  two = np.sort(d, axis=1)[:, :2]
+  assert np.min(two[:, 1] - two[:, 0]) > margin, 'near-tie in the test data: change the seed'
+  return np.argmin(d, axis=1)
+
+
+def _np_codes(config, state, z):
+  """Each kind's documented code choice, in float64 numpy: (indices [N, depth], inputs).
+
+  `inputs[l]` are the vectors level l quantized (the residuals for rvq).
+  """
+  q, p = config.quantizer, state.params.get('quantizer', {})
+  z = z.astype(np.float64)
+  if q.kind in ('fsq', 'lfq'):
+    g = z @ np.asarray(p['project_in']['kernel'], np.float64) + np.asarray(
+        p['project_in']['bias'], np.float64)
+    if q.kind == 'lfq':  # index = sum_i [g_i > 0] 2^i
+      assert np.min(np.abs(g)) > 1e-5, 'near-tie in the test data: change the seed'
+      return ((g > 0) @ (2 ** np.arange(g.shape[1])))[:, None], [g]
+    levels = np.asarray(q.fsq_levels)  # bounded to [-(L-1)/2, (L-1)/2], shifted so f(0)=0
+    half = (levels - 1) * (1 - 1e-3) / 2
+    offset = np.where(levels % 2 == 0, 0.5, 0.0)
+    bounded = np.tanh(g + np.arctanh(offset / half)) * half - offset
+    assert np.min(np.abs(np.abs(bounded - np.floor(bounded)) - 0.5)) > 1e-5, 'near-tie'
+    digits = np.round(bounded) + levels // 2  # mixed radix, dimension 0 least significant
+    return (digits @ np.cumprod([1] + list(levels[:-1])))[:, None].astype(int), [g]
+  if q.kind == 'vq':
+    return _nearest(z, np.asarray(p['codebook'], np.float64))[:, None], [z]
+  stats = state.vq_stats['quantizer']
+  books = [stats] if q.kind == 'ema' else [stats[f'levels_{l}'] for l in range(q.rvq_depth)]
+  indices, inputs, residual = [], [], z
+  for book in books:
+    codebook = np.asarray(book['codebook'], np.float64)
+    idx = _nearest(residual, codebook)
+    indices.append(idx)
+    inputs.append(residual)
+    residual = residual - codebook[idx]
+  return np.stack(indices, axis=1), inputs
+
+
 @pytest.mark.parametrize('name', sorted(KINDS))
-def test_every_quantizer_trains_under_pmap(name):
+def test_every_quantizer_trains_under_pmap_and_tracks_its_codes(name):
   # With weight averaging on: every kind evaluates its live codebook (state.py docstring).
   config = _smoke(**KINDS[name], **{'train.ema_decay': 0.5})
-  p_state, metrics = _run_steps(config, jax.local_devices()[:2], _images(2))
+  (images,) = _images(1, seed=3)
+  fresh = ts.create_train_state(config, ts.init_key(0), (32, 32, 3))
+  p_state, (m,) = _run_steps(config, jax.local_devices()[:2], [images], fresh)
   _assert_devices_agree(p_state)
-  for m in metrics:
-    assert np.isfinite(m['loss']) and np.isfinite(m['grad_norm']), m
+  assert np.isfinite(m['loss']) and np.isfinite(m['grad_norm']), m
+  state = parallel.to_host(p_state)
+
+  # Oracle: the codes this step chose over both devices, from the step's own encoder outputs.
+  k = config.quantizer.num_codes
+  indices, inputs = _np_codes(config, fresh, _encoder_outputs(config, fresh, images))
+  counts = np.concatenate([np.bincount(indices[:, l], minlength=k)
+                           for l in range(indices.shape[1])]).astype(np.float64)
+  chosen = counts > 0
+  assert 0 < chosen.sum() < len(counts)
+  usage = state.code_usage
+  np.testing.assert_array_equal(usage['last_used'], chosen.astype(int))
+  np.testing.assert_allclose(usage['counts_ema'], 0.01 * counts / counts.sum(), rtol=1e-5,
+                             atol=1e-9)
+  np.testing.assert_allclose(m['batch_usage'], chosen.mean(), rtol=1e-6)
+  p = counts[chosen] / counts.sum()
+  np.testing.assert_allclose(m['perplexity'], np.exp(-np.sum(p * np.log(p))), rtol=1e-4)
+
+  restarted = ~chosen if config.quantizer.restart_after else np.zeros_like(chosen)
+  assert m['restarted_codes'] == restarted.sum()
+  np.testing.assert_array_equal(usage['last_refreshed'], restarted.astype(int))
+  if config.quantizer.kind in ('fsq', 'lfq'):  # no codebook: nothing for upkeep to keep
+    assert fresh.vq_stats == {} and state.vq_stats == {}
+  if config.quantizer.kind in ('ema', 'rvq'):
+    # One EMA step (decay d) from zero statistics, zero-debiased: each level's codebook is
+    # the Laplace-smoothed mean of the inputs it was chosen for; no upkeep touched it.
+    stats = state.vq_stats['quantizer']
+    levels = [stats] if 'codebook' in stats else [stats[f'levels_{l}'] for l in range(
+        indices.shape[1])]
+    for l, level in enumerate(levels):
+      n = np.bincount(indices[:, l], minlength=k).astype(np.float64)
+      sums = np.zeros((k, inputs[l].shape[1]))
+      np.add.at(sums, indices[:, l], inputs[l])
+      smoothed = (n + 1e-5) / (n.sum() + k * 1e-5) * n.sum()
+      np.testing.assert_allclose(level['ema_counts'], 0.01 * n, rtol=1e-5, atol=1e-7)
+      np.testing.assert_allclose(level['codebook'], sums / smoothed[:, None], rtol=1e-4,
+                                 atol=1e-5)
+  if restarted.any():
+    # Documented rule: each dead code becomes one of the step's encoder rows, drawn without
+    # replacement (512 rows >= 64 codes), so restarted codes are distinct encoder rows.
+    z = _encoder_outputs(config, fresh, images)
+    new = np.asarray(state.params['quantizer']['codebook'])[restarted]
+    rows = np.argmin(((new[:, None, :] - z[None]) ** 2).sum(-1), axis=1)
+    np.testing.assert_allclose(new, z[rows], atol=1e-5)
+    assert len(set(rows.tolist())) == len(rows)
+    # The chosen codes moved by Adam's first step alone: at most lr per entry.
+    old = np.asarray(fresh.params['quantizer']['codebook'])[chosen]
+    step = np.abs(np.asarray(state.params['quantizer']['codebook'])[chosen] - old)
+    assert np.all(step <= config.train.learning_rate * (1 + 1e-3))
   model = builders.build_tokenizer(config)
-  host = parallel.to_host(p_state)
-  assert host.code_usage['last_used'].shape == (model.quantizer.usage_size,)
-  evaluated = {'params': ts.eval_params(host), 'vq_stats': host.vq_stats}
-  live = {'params': host.params, 'vq_stats': host.vq_stats}
+  assert usage['last_used'].shape == (model.quantizer.usage_size,)
+  evaluated = {'params': ts.eval_params(state), 'vq_stats': state.vq_stats}
+  live = {'params': state.params, 'vq_stats': state.vq_stats}
   assert not np.allclose(evaluated['params']['encoder']['conv1']['kernel'],
                          live['params']['encoder']['conv1']['kernel'])
   if name in ('fsq', 'lfq'):
@@ -283,6 +376,29 @@ def test_every_quantizer_trains_under_pmap(name):
   every_code = jnp.arange(config.quantizer.num_codes)
   np.testing.assert_array_equal(model.apply(evaluated, every_code, method=codes),
                                 model.apply(live, every_code, method=codes))
+
+
+@pytest.mark.parametrize('name', ['fsq', 'lfq', 'rvq'])
+def test_upkeep_of_kinds_without_restarts_changes_only_the_usage_tracker(name):
+  config = _smoke(**KINDS[name])
+  state = ts.create_train_state(config, ts.init_key(0), (32, 32, 3))
+  settings = steps.StepSettings.from_config(config)
+  assert not settings.maintain
+  size = settings.usage_size
+  counts = np.zeros(size, np.float32)
+  counts[[0, 5, size - 1]] = [3.0, 1.0, 4.0]
+  rows = {'intermediates': {'quantizer': {'lookup_input': (np.ones((4, 16), np.float32),)}}}
+
+  def upkeep(c):
+    return steps._codebook_upkeep(settings, state, types.SimpleNamespace(counts=c), rows,
+                                  jax.random.PRNGKey(0))  # pylint: disable=protected-access
+
+  new, metrics = jax.vmap(upkeep, axis_name=steps.AXIS)(counts[None])
+  new = jax.tree.map(lambda x: x[0], new)
+  chex.assert_trees_all_equal(new.replace(code_usage=state.code_usage), state)
+  np.testing.assert_array_equal(new.code_usage['last_used'], (counts > 0).astype(int))
+  np.testing.assert_array_equal(new.code_usage['last_refreshed'], 0)
+  assert float(metrics['restarted_codes'][0]) == 0.0
 
 
 @pytest.mark.parametrize('name, bits_per_token', [('fsq', 6.0), ('lfq', 6.0), ('rvq', 18.0)])

@@ -88,7 +88,7 @@ def build_quantizer(q: ml_collections.ConfigDict, axis_name: str | None = None) 
     from vq.quantizers import residual as residual_vq  # pylint: disable=g-import-not-at-top
     return residual_vq.ResidualVQ(num_codes=q.num_codes, code_dim=q.code_dim, depth=q.rvq_depth,
                                   base='ema', beta=q.beta, decay=q.decay, epsilon=q.epsilon,
-                                  axis_name=axis_name)
+                                  axis_name=axis_name, gradient=q.gradient)
   raise ValueError(f"config.quantizer.kind={q.kind!r} is unknown; choose one of 'ema', 'vq', "
                    "'fsq', 'lfq', 'rvq'.")
 

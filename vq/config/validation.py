@@ -28,7 +28,7 @@ QUANTIZER_OPTIONS = {
     'restart_after': (0, ('vq', 'ema')),
     'lookup_dim': (0, ('vq', 'ema')),
     'l2_normalize': (False, ('vq', 'ema')),
-    'gradient': ('ste', ('vq', 'ema')),
+    'gradient': ('ste', ('vq', 'ema', 'rvq')),
     'beta_on': ('commitment', ('vq',)),
     'entropy_weight': (0.0, ('vq', 'ema', 'lfq')),
 }

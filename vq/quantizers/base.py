@@ -48,8 +48,8 @@ class QuantizerOutput:
       name is given).
     counts: float32 [num_codes], how often each code was chosen in this batch (summed
       over devices if an axis name is given). Residual VQ concatenates its levels.
-    entropy_loss: the entropy penalty before its weight (zero when it is off); its
-      weighted value is already part of `loss`.
+    entropy_loss: the entropy penalty before its weight (zero when it is off, and with
+      `train=False`, where it is not computed); its weighted value is already part of `loss`.
   """
   quantized: jax.Array
   indices: jax.Array

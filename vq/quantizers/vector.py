@@ -115,7 +115,8 @@ class _NearestCodeQuantizer(base.TokenSpace, nn.Module):
       loss = self.beta * codebook_loss + commitment
     else:
       loss = codebook_loss + self.beta * commitment
-    if self.entropy_weight > 0:
+    # A training regulariser: evaluation and tokenizing (train=False) only use the codes.
+    if self.entropy_weight > 0 and train:
       entropy_loss = base.entropy_penalty(distances, self.entropy_temperature, self.axis_name)
       loss = loss + self.entropy_weight * entropy_loss
     else:
@@ -212,7 +213,8 @@ class VectorQuantizer(_NearestCodeQuantizer):
       lookup_dim columns and the losses are measured in that space.
     l2_normalize: l2-normalise the (projected) inputs and the codes, so the nearest
       code is the one of highest cosine similarity.
-    entropy_weight: weight of the entropy penalty (`base.entropy_penalty`); 0 skips it.
+    entropy_weight: weight of the entropy penalty (`base.entropy_penalty`); 0 skips it,
+      and it is computed only with `train=True`.
     entropy_temperature: its softmax temperature.
     gradient: 'ste' (straight-through) or 'rotation' (`base.rotate_to`).
     kmeans_iters: Lloyd iterations when `maintain` runs k-means.
@@ -307,7 +309,8 @@ class EMAVectorQuantizer(_NearestCodeQuantizer):
       lookup_dim columns and the losses are measured in that space.
     l2_normalize: l2-normalise the (projected) inputs and the codes, so the nearest
       code is the one of highest cosine similarity.
-    entropy_weight: weight of the entropy penalty (`base.entropy_penalty`); 0 skips it.
+    entropy_weight: weight of the entropy penalty (`base.entropy_penalty`); 0 skips it,
+      and it is computed only with `train=True`.
     entropy_temperature: its softmax temperature.
     gradient: 'ste' (straight-through) or 'rotation' (`base.rotate_to`).
     kmeans_iters: Lloyd iterations when `maintain` runs k-means.
