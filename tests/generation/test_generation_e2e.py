@@ -1,5 +1,6 @@
 """The prior's real entry points on a tiny tokenizer: train, resume, sample, refuse bad input."""
 
+import json
 import os
 import pathlib
 import signal
@@ -17,6 +18,7 @@ from experiments import gpt_cifar
 from experiments import maskgit_cifar
 from experiments import vqvae_cifar
 from vq.generation import cli
+from vq.generation import evaluation
 from vq.generation import generator as gen_lib
 from vq.generation import priors
 from vq.generation import trainer
@@ -76,6 +78,25 @@ def test_gpt_trains_resumes_exactly_and_samples(tokenizer_dir, tmp_path):
   for bad, needle in (([10], 'outside the classes 0..9'), ([1.5], 'integers')):
     with pytest.raises(ValueError, match=needle):
       gen.sample(bad, jax.random.PRNGKey(0))
+
+  results = evaluation.evaluate(gen.config, str(straight))
+  saved = json.loads((straight / 'eval' / 'step_6.json').read_text(),
+                     parse_constant=lambda c: pytest.fail(f'{c} in the eval JSON'))
+  assert saved == json.loads(json.dumps(results))
+  for key in ('test_bits_per_token', 'fd_vgg', 'precision', 'recall', 'classifier_accuracy',
+              'classifier_score', 'classifier_accuracy_real', 'sample_images_per_s'):
+    assert np.isfinite(results[key]), key
+  assert results['gfid'] is None or np.isfinite(results['gfid'])
+  assert results['network_evaluations_per_image'] == 64 and results['num_fake'] == 16
+  assert 0 <= results['precision'] <= 1 and 1 <= results['classifier_score'] <= 10
+  for ref in ('reference_reconstructions', 'reference_unigram'):
+    assert np.isfinite(results[ref]['fd_vgg'])
+  # The uniform-over-everything baseline: the unigram grids' bits/token, by hand.
+  train = np.concatenate([np.load(f)['tokens'].ravel() for f in (straight / 'tokens').glob('train-*.npz')])
+  held = np.concatenate([np.load(f)['tokens'].ravel() for f in (straight / 'tokens').glob('test-*.npz')])
+  counts = np.bincount(train, minlength=64) + 1.0
+  assert results['reference_unigram']['test_bits_per_token'] == pytest.approx(
+      -np.mean(np.log2(counts / counts.sum())[held]))
 
   out = cli.sample_to_dir(gen.config, str(straight), str(tmp_path / 'samples'), labels=[1, 1, 4])
   with np.load(out['samples_npz']) as f:

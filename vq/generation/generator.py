@@ -63,15 +63,16 @@ STRUCTURAL_FIELDS = ('objective', 'prior.width', 'prior.depth', 'prior.num_heads
                      'prior.mlp_ratio', 'data.num_classes')
 
 
-def incompatible_fields(saved: dict, current: dict) -> list[str]:
-  """'field: saved X, now Y' for every difference that changes the saved state."""
+def incompatible_fields(saved: dict, current: dict, *, optimizer: bool = True) -> list[str]:
+  """'field: saved X, now Y' for every difference that changes the saved state (with
+  `optimizer=False`, only the model's: what sampling and evaluation restore)."""
   lookup = checkpointing._lookup  # pylint: disable=protected-access
   out = []
   for field in STRUCTURAL_FIELDS:
     a, b = lookup(saved, field), lookup(current, field)
     if a != b:
       out.append(f'{field}: saved {a!r}, now {b!r}')
-  for field in ('train.grad_clip', 'train.weight_decay'):
+  for field in ('train.grad_clip', 'train.weight_decay') if optimizer else ():
     a, b = lookup(saved, field), lookup(current, field)
     if a is not None and b is not None and (a > 0) != (b > 0):
       out.append(f'{field}: saved {a!r}, now {b!r} (on/off changes the saved state)')
@@ -220,7 +221,15 @@ class Generator:
       step: a checkpoint step; None for the latest.
     """
     workdir = pathlib.Path(workdir).expanduser().absolute()
-    config = config if config is not None else read_prior_config(workdir)
+    saved = read_prior_config(workdir)
+    if config is None:
+      config = saved
+    else:
+      diff = incompatible_fields(json.loads(saved.to_json_best_effort()),
+                                 json.loads(config.to_json_best_effort()), optimizer=False)
+      if diff:
+        raise ValueError(f'the config does not describe the prior in {workdir}: '
+                         f'{"; ".join(diff)}; pass the config it was trained with.')
     ckpt = checkpointer(workdir / 'checkpoints', keep=config.train.keep_checkpoints)
     try:
       steps = ckpt.all_steps()
@@ -238,7 +247,8 @@ class Generator:
       token_data.check_same_tokenizer(ident, token_data.identity(tok, ident['workdir']))
       layout = layout_for(config, tok)
       model = build_model(config, layout)
-      target = jax.eval_shape(functools.partial(create_state, config, model, layout),
+      # The saved structure (optimizer state included) is the training config's.
+      target = jax.eval_shape(functools.partial(create_state, saved, model, layout),
                               jax.random.PRNGKey(0))
       state, _ = ckpt.restore(step, target)
     finally:
