@@ -1,4 +1,4 @@
-r"""Codebook ablation: one network, one budget, several quantizers; a Markdown table.
+r"""Codebook ablation: one network, one training length, several quantizers; a Markdown table.
 
   python -m benchmarks.codebook_ablation --workdir=/tmp/ablation            # all variants
   python -m benchmarks.codebook_ablation --workdir=/tmp/ablation --steps=200 \

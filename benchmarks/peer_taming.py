@@ -11,9 +11,9 @@ r"""taming-transformers (PyTorch) train steps at a vq config's architecture: the
 
 Install (a SEPARATE venv, so the project's venv stays free of PyTorch)::
 
-  python3 -m venv /work/venv-bench
-  /work/venv-bench/bin/pip install -r requirements.txt -r requirements-bench.txt
-  /work/venv-bench/bin/pip install --no-deps taming-transformers-rom1504==0.0.6
+  python3 -m venv /tmp/venv-bench
+  /tmp/venv-bench/bin/pip install -r requirements.txt -r requirements-bench.txt
+  /tmp/venv-bench/bin/pip install --no-deps taming-transformers-rom1504==0.0.6
 
 taming-transformers-rom1504 goes in with --no-deps: it declares pytorch-lightning, omegaconf and
 torchvision (none is imported here) and forgets einops (its quantizer imports it;
@@ -66,9 +66,9 @@ from unittest import mock
 import ml_collections
 import numpy as np
 
-_INSTALL = ('install them in a separate venv: python3 -m venv /work/venv-bench && '
-            '/work/venv-bench/bin/pip install -r requirements.txt -r requirements-bench.txt && '
-            '/work/venv-bench/bin/pip install --no-deps taming-transformers-rom1504==0.0.6')
+_INSTALL = ('install them in a separate venv: python3 -m venv /tmp/venv-bench && '
+            '/tmp/venv-bench/bin/pip install -r requirements.txt -r requirements-bench.txt && '
+            '/tmp/venv-bench/bin/pip install --no-deps taming-transformers-rom1504==0.0.6')
 
 
 

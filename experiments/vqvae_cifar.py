@@ -19,7 +19,7 @@ def get_config(arg=None):
   c.quantizer.kind = 'ema'
   c.quantizer.num_codes = 512
   c.quantizer.code_dim = 64
-  # The codebook ablation's winner (README, benchmarks/codebook_ablation.py): k-means from
+  # The codebook ablation's winner (docs/results.md, benchmarks/codebook_ablation.py): k-means from
   # the first batch and restarts of codes idle for 50 steps keep every code in use.
   c.quantizer.init = 'kmeans'
   c.quantizer.restart_after = 50

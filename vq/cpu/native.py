@@ -11,7 +11,7 @@ Usage sketch::
                                           swish=True)
 
 Two things XLA:CPU does slowly, found by `benchmarks/profile_step.py` on the taming CIFAR
-step (README, Speed), each an XLA FFI custom call here:
+step (docs/speed.md), each an XLA FFI custom call here:
 - `native/conv_kernel_grad.cc`: the convolution kernel gradient. XLA's own is 1.6-1.9x
   slower than an im2col matmul, and the im2col route (vq/models/conv.py) spends about 40% of its
   time building im2col blocks; this reads x and dy in place (the padding is never

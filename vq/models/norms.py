@@ -20,7 +20,7 @@ On one core (batch 32, float32; value and gradient of GroupNorm(32) then swish,
 `taskset -c 0 python -m benchmarks.group_norm`) this took 13.6 ms against flax's 28.9 ms at
 32x32x64, 4.1 against 7.0 ms at 16x16x128 and 0.95 against 1.74 ms at 8x8x128. On an H200
 (bfloat16, batch 16, the 256x256 network's maps) the two were within 0.12 ms of each other
-per layer (`--shapes=imagenet256`; README, accelerator check). Statistics are float32 for
+per layer (`--shapes=imagenet256`; docs/accelerator.md). Statistics are float32 for
 any input dtype.
 
 On CPU, for float32, `GroupNorm` (and `group_norm_swish`) run a native kernel instead
