@@ -14,8 +14,8 @@ layer's backward: vq.models.conv's blocked im2col matmuls, slices, pads), 'conv 
 adds, im2col forward), 'groupnorm', 'swish', 'attention', 'lpips', 'discriminator',
 'quantizer', 'other'. A `while` thunk's time is its body's, so it is not counted again.
 
-Measured with it (2-core dev CPU, one core via taskset, batch 32, 2026-11-27): see docs/speed.md,
-Speed. On other machines thunk names may differ; the categories depend only on op_name.
+Measured with it (2-core dev CPU, one core via taskset, batch 32, 2026-11-27): see docs/speed.md.
+On other machines thunk names may differ; the categories depend only on op_name.
 """
 
 import collections
