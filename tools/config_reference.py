@@ -4,8 +4,8 @@ r"""Prints the config references (every field of the base configs) as markdown t
   python tools/config_reference.py --write    # rewrite the blocks between the markers
   python tools/config_reference.py --check    # exit 1 if a block is stale
 
-Two references: the tokenizer's fields (`experiments/base.py`) in README.md and the token
-priors' fields (`experiments/prior_base.py`) in docs/generation.md. The tables are
+Two references, both in docs/configs.md: the tokenizers' fields (`experiments/base.py`) and
+the token priors' fields (`experiments/prior_base.py`). The tables are
 generated from the sources, so they cannot drift from them: each
 `c.<section>.<field> = <value>  # meaning` line gives one row, with the default exactly as
 written there. `tests/config/test_config_reference.py` fails when a document holds an older
@@ -25,7 +25,7 @@ from typing import Sequence
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 BASE_CONFIG = REPO / 'experiments' / 'base.py'
-README = REPO / 'README.md'
+CONFIGS_DOC = REPO / 'docs' / 'configs.md'
 START_MARKER = '<!-- config-reference:start -->'
 END_MARKER = '<!-- config-reference:end -->'
 # Fields assigned directly on the root config (c.seed) are listed under this name.
@@ -47,9 +47,9 @@ class Target:
 
 
 TARGETS = (
-    Target(BASE_CONFIG, 'get_base_config', README, START_MARKER, END_MARKER),
+    Target(BASE_CONFIG, 'get_base_config', CONFIGS_DOC, START_MARKER, END_MARKER),
     Target(REPO / 'experiments' / 'prior_base.py', 'get_prior_config',
-           REPO / 'docs' / 'generation.md', '<!-- prior-config-reference:start -->',
+           REPO / 'docs' / 'configs.md', '<!-- prior-config-reference:start -->',
            '<!-- prior-config-reference:end -->'),
 )
 
@@ -136,7 +136,7 @@ def _cell(text: str) -> str:
 def render(fields: Sequence[Field], source: str = 'experiments/base.py') -> str:
   """Markdown: a short preamble, then one table of every field in source order.
 
-  One table rather than one per section keeps the README short; the dotted paths
+  One table rather than one per section keeps the page short; the dotted paths
   (`data.dataset`) already name each field's section.
   """
   out = [

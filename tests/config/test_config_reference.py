@@ -1,4 +1,4 @@
-"""The README config reference is generated from experiments/base.py and must match it."""
+"""The config references in docs/configs.md are generated from the base configs and must match them."""
 
 import ast
 import textwrap
@@ -22,10 +22,10 @@ def _leaf_paths(config, prefix=''):
 
 
 def test_readme_block_is_up_to_date():
-  readme = config_reference.README.read_text(encoding='utf-8')
+  readme = config_reference.CONFIGS_DOC.read_text(encoding='utf-8')
   expected = config_reference.render(config_reference.parse_fields())
   assert config_reference.readme_block(readme) == expected, (
-      'README.md config reference is stale; run `python tools/config_reference.py --write`.')
+      'docs/configs.md config reference is stale; run `python tools/config_reference.py --write`.')
 
 
 def test_every_base_field_is_listed_once_with_a_comment():
