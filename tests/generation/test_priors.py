@@ -33,9 +33,10 @@ def test_gpt_nll_equals_a_numpy_log_softmax_of_the_shifted_sequence():
   tokens = jnp.array([[1, 2, 3, 4], [7, 0, 0, 5]])
   labels = jnp.array([2, -1])
   params = model.init(jax.random.PRNGKey(0), jnp.zeros((1, 5), jnp.int32))['params']
-  got = np.asarray(priors.gpt_token_nll(model, params, LAYOUT, tokens, labels))
+  got = np.asarray(jax.jit(lambda p: priors.gpt_token_nll(model, p, LAYOUT, tokens, labels))(
+      params))
   inputs = np.array([[10, 1, 2, 3], [12, 7, 0, 0]])            # class token, then t_0..t_2
-  logits = np.asarray(model.apply({'params': params}, jnp.asarray(inputs)), np.float64)
+  logits = np.asarray(jax.jit(model.apply)({'params': params}, jnp.asarray(inputs)), np.float64)
   want = -np.take_along_axis(_log_softmax(logits), np.asarray(tokens)[..., None], -1)[..., 0]
   np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)
 

@@ -24,8 +24,8 @@ def test_causal_output_at_t_ignores_tokens_after_t(t):
   tokens = _tokens()
   params = model.init(jax.random.PRNGKey(1), tokens)['params']
   changed = tokens.at[:, t + 1:].set((tokens[:, t + 1:] + 5) % 23)
-  a = model.apply({'params': params}, tokens)
-  b = model.apply({'params': params}, changed)
+  apply = jax.jit(lambda x: model.apply({'params': params}, x))
+  a, b = apply(tokens), apply(changed)
   np.testing.assert_array_equal(a[:, :t + 1], b[:, :t + 1])
   assert np.abs(np.asarray(a[:, t + 1:] - b[:, t + 1:])).max() > 1e-4  # later outputs do see them
 
@@ -40,7 +40,7 @@ def test_causal_gradient_of_position_t_is_zero_for_later_embeddings():
     p = dict(params, embed={'embedding': embedding})
     return model.apply({'params': p}, tokens)[0, t].sum()
 
-  grad = jax.grad(out_t)(params['embed']['embedding'])
+  grad = jax.jit(jax.grad(out_t))(params['embed']['embedding'])
   later = np.unique(np.asarray(tokens[0, t + 1:]))
   earlier = np.unique(np.asarray(tokens[0, :t + 1]))
   only_later = np.setdiff1d(later, earlier)
@@ -54,8 +54,8 @@ def test_bidirectional_output_sees_every_position():
   tokens = _tokens()
   params = model.init(jax.random.PRNGKey(1), tokens)['params']
   changed = tokens.at[:, -1].set((tokens[:, -1] + 5) % 23)
-  a = model.apply({'params': params}, tokens)
-  b = model.apply({'params': params}, changed)
+  apply = jax.jit(lambda x: model.apply({'params': params}, x))
+  a, b = apply(tokens), apply(changed)
   assert np.abs(np.asarray(a[:, 0] - b[:, 0])).max() > 1e-4
 
 
@@ -80,13 +80,12 @@ def test_cache_can_take_several_positions_per_call():
   model = _model()
   tokens = _tokens(batch=2)
   params = model.init(jax.random.PRNGKey(1), tokens)['params']
-  full = model.apply({'params': params}, tokens)
+  full = jax.jit(lambda x: model.apply({'params': params}, x))(tokens)
   decoder = model.clone(decode=True)
   cache = transformer.init_cache(decoder, 2)
-  first, updates = decoder.apply({'params': params, 'cache': cache}, tokens[:, :6],
-                                 mutable=['cache'])
-  second, _ = decoder.apply({'params': params, 'cache': updates['cache']}, tokens[:, 6:],
-                            mutable=['cache'])
+  step = jax.jit(lambda c, x: decoder.apply({'params': params, 'cache': c}, x, mutable=['cache']))
+  first, updates = step(cache, tokens[:, :6])
+  second, _ = step(updates['cache'], tokens[:, 6:])
   chex.assert_trees_all_close(jnp.concatenate([first, second], axis=1), full, atol=1e-5)
 
 
