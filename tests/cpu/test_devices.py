@@ -172,3 +172,9 @@ def test_run_py_auto_cpu_devices_trains_on_the_planned_devices(tmp_path):
   assert out.returncode == 0, out.stderr[-2000:]
   assert f'CPU platform shows {expected} device(s)' in out.stderr
   assert f'{expected} local device(s)' in out.stderr
+  # The huge-page restart is never silent: one line says it happened and how to turn it
+  # off, or why it did not.
+  huge = [l for l in out.stderr.splitlines() if 'vq: host huge pages' in l]
+  assert len(huge) == 1, huge
+  assert ('restarted once' in huge[0] and '--nohost_huge_pages' in huge[0]) or (
+      'no restart:' in huge[0]), huge[0]

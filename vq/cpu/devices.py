@@ -24,18 +24,20 @@ The rule of `plan` (`--cpu_devices=auto`), for `cores` usable cores (the affinit
   the other devices: taming VQ-VAE step, 2 devices on 2 cores, 24.4 / 23.8 vs 23.3 / 23.2
   images/s in two interleaved pairs), on otherwise (spare cores).
 `VQ_CPU_FAST_PATHS=0` gives one device, Eigen threads on and no native kernels: plain XLA,
-as on GPU/TPU. docs/cpu.md has the measurements on the 2-core CPU dev machine and the
-reasoning for hosts with many cores: on 2 cores the fast paths (2 devices, native kernels)
-beat XLA's threaded path on one device; with 16 or 64 cores the batch sizes usually allow
-only 2 devices (64 and 250 share no factor above 2), each with 8 or 32 cores, where
-single-threaded kernels are not measured to win and so are not used; a batch that divides
-by 8 gets 8 devices (cap: at batch 64, 8 images per device) with native kernels up to 16
-cores.
+as on GPU/TPU. docs/cpu.md has the measurements (2-core CPU dev machine, `taskset -c 0`
+against `-c 0,1`, 1 and 2 devices, native on and off: native kernels 1.15-1.44x faster on
+the taming VQ-VAE step in all four settings) and the reasoning for many cores, which
+could not be measured here: the batch sizes usually allow only 2 devices (64 and 250
+share no factor above 2), each then with 8 or 32 of a 16- or 64-core host's cores, where
+a single-threaded kernel would leave the others idle while XLA's own versions use them,
+so the rule falls back to XLA there; a batch that divides by 8 gets 8 devices (the cap:
+8 images per device at batch 64), with native kernels up to 16 cores.
 
 In-process collectives: with several CPU devices, every step's `psum`s wait in XLA:CPU's
 rendezvous for all devices; XLA aborts the process (SIGABRT, `AwaitAndLogIfStuck` in
-`InProcessCommunicator`) when one device arrives more than 20 + 40 s after the first,
-which a busy host (other processes, more devices than cores) can cause. `apply_plan` and
+`InProcessCommunicator`) when one device arrives more than 20 + 40 s after the first
+(the test suite hit it once, 4 devices on 2 busy cores; a host callback that holds one
+device back 75 s reproduces it, docs/cpu.md). `apply_plan` and
 `collective_timeout_flags` raise both limits (COLLECTIVE_WARN_S, COLLECTIVE_TERMINATE_S):
 a slow step then waits, and only a rendezvous stuck for half an hour ends the process.
 On GPU/TPU hosts all of this only changes the CPU platform, which does not train.
