@@ -25,14 +25,20 @@ _CONFIG = config_flags.DEFINE_config_file(
     lock_config=True)
 _WORKDIR = flags.DEFINE_string('workdir', None, 'Directory for checkpoints, logs and images.')
 _MODE = flags.DEFINE_enum(
-    'mode', 'train', ['train', 'eval', 'reconstruct', 'encode', 'decode'],
+    'mode', 'train', ['train', 'eval', 'reconstruct', 'encode', 'decode', 'sample'],
     'train: train (resuming from workdir). eval: evaluate the latest checkpoint on '
-    'config.eval.dataset. reconstruct: --dataset -> PNG grid (inputs above reconstructions) '
-    'and per-image PSNR in --out. encode: --dataset -> .npz of token indices at --out (with '
-    'the config hash and checkpoint step). decode: --tokens .npz -> PNG images in --out.')
+    'config.eval.dataset. Tokenizers: reconstruct: --dataset -> PNG grid (inputs above '
+    'reconstructions) and per-image PSNR in --out. encode: --dataset -> .npz of token indices '
+    'at --out (with the config hash and checkpoint step). decode: --tokens .npz -> PNG images '
+    'in --out. Token priors (gpt, maskgit): sample: --out/samples.png and samples.npz.')
+_LABELS = flags.DEFINE_string('labels', None, 'sample: comma-separated class ids, e.g. 3,3,5 '
+                              '(default: --num_samples class-balanced samples).')
+_NUM_SAMPLES = flags.DEFINE_integer('num_samples', None, 'sample: how many (default 8 per '
+                                    'class).')
 _DATASET = flags.DEFINE_string('dataset', None, 'reconstruct/encode: dataset spec '
                                '(tfds:NAME:SPLIT, npz:PATH, folder:PATH); default config.eval.dataset.')
-_OUT = flags.DEFINE_string('out', None, 'reconstruct/decode: output folder; encode: output .npz.')
+_OUT = flags.DEFINE_string('out', None, 'reconstruct/decode/sample: output folder; encode: '
+                           'output .npz.')
 _TOKENS = flags.DEFINE_string('tokens', None, 'decode: the .npz written by --mode=encode.')
 _MAX_IMAGES = flags.DEFINE_integer('max_images', None, 'reconstruct: images in the grid '
                                    '(default 64); encode: first N images (default all).')
@@ -140,12 +146,22 @@ def main(argv):
 
   config = _CONFIG.value
   try:
-    if _MODE.value == 'train':
+    if config.get('objective') in ('gpt', 'maskgit'):  # a token prior (vq/generation)
+      from vq.generation import cli  # pylint: disable=g-import-not-at-top
+      results = cli.run(config, _MODE.value, _WORKDIR.value, out=_OUT.value,
+                        labels=_LABELS.value, num_samples=_NUM_SAMPLES.value,
+                        reinit_unusable_checkpoints=_REINIT.value)
+      if results is not None:
+        print(json.dumps(results, indent=2, sort_keys=True, default=str))
+    elif _MODE.value == 'train':
       trainer.train_and_evaluate(config, _WORKDIR.value,
                                  reinit_unusable_checkpoints=_REINIT.value)
     elif _MODE.value == 'eval':
       results = evaluator.evaluate(config, _WORKDIR.value)
       print(json.dumps(results, indent=2, sort_keys=True))
+    elif _MODE.value == 'sample':
+      raise ValueError(f'--mode=sample needs a token prior config (objective gpt or maskgit), '
+                       f'not {config.objective!r}; train one with experiments/gpt_cifar.py.')
     else:
       print(json.dumps(_tokenizer_mode(config), indent=2, sort_keys=True, default=str))
   except (config_validation.ConfigError, checkpointing.UnusableCheckpoints, ValueError,

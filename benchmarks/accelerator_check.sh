@@ -4,7 +4,8 @@
 #   bash benchmarks/accelerator_check.sh                  # on the accelerator machine
 #   VQ_CHECK_TINY=1 bash benchmarks/accelerator_check.sh  # dry run of the script (CPU)
 #
-# Installs nothing: run it in an environment with requirements.txt installed. Times
+# Installs nothing: run it in an environment with requirements-gpu.txt or
+# requirements-tpu.txt installed (requirements.txt alone gives JAX only the CPU). Times
 # benchmarks/train_step.py (compile, warm-up, then the median of timed steps on random
 # images already on the devices) for vqvae_cifar, vqgan_cifar (full generator +
 # discriminator step: disc_start=0) and vqgan_imagenet256 (taming's f16 VQGAN at
@@ -15,9 +16,9 @@
 # rate (benchmarks/train_step.py: PEAK_BF16_FLOPS; kinds not in the table print FLOP/s
 # only).
 #
-# Measured on one H200 (jax 0.11.2, 2026-11-27): the runs in README.md's accelerator
-# section. The first five took 431 s, so vqgan_imagenet256 under pmap did not get
-# through its compile in the 68 s left; alone (ONLY='imagenet256/pmap') it took 110 s.
+# Measured on one H200 (jax 0.11.2, 2026-11-27): the runs in docs/accelerator.md. The
+# first five took 431 s, so vqgan_imagenet256 under pmap did not get through its compile
+# in the 68 s left; alone (ONLY='imagenet256/pmap') it took 110 s.
 # All six need about 9 minutes there: split them over two calls with ONLY.
 #
 # Bounded in time: runs start in the order above and each gets what is left of

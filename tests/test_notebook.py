@@ -77,3 +77,7 @@ def test_notebook_runs_end_to_end_in_ci_mode(tmp_path, monkeypatch):
   assert 0 <= results['ssim'] <= 1 and results['psnr'] > 0
   saved = json.loads((tmp_path / 'workdir' / 'eval' / 'step_6.json').read_text())
   assert saved == results
+
+  prior = _text(_cell_printing(nb, 'prior_trainer.train_and_evaluate'))
+  assert 'vq: gpt prior over 8x8 tokens' in prior and 'prior trained to step 4' in prior, prior
+  assert len(plots) >= 6  # ... and the class grid of samples

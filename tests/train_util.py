@@ -33,10 +33,15 @@ def run_steps(config, devices, images_per_step, state=None):
 
 # Modules are hashable dataclasses, so they can be static jit arguments: one compilation
 # per (module, shape), shared by all tests and hypothesis examples.
-@functools.partial(jax.jit, static_argnames=('module', 'method'))
-def jit_apply(module, variables, x, method='__call__'):
-  """`module.apply(variables, x, method=method)`, jitted."""
-  return module.apply(variables, x, method=method)
+@functools.partial(jax.jit, static_argnames=('module', 'method', 'train'))
+def jit_apply(module, variables, x, method='__call__', train=None):
+  """`module.apply(variables, x, method=method)`, jitted; `train` is passed when given.
+
+  `train=True` computes the training-only terms (the entropy penalty); it updates no
+  statistics here, so use it for quantizers without EMA statistics (or `jit_train`).
+  """
+  kwargs = {} if train is None else {'train': train}
+  return module.apply(variables, x, method=method, **kwargs)
 
 
 @functools.partial(jax.jit, static_argnames=('module',))

@@ -1,13 +1,15 @@
-r"""Prints the config reference (every field of experiments/base.py) as markdown tables.
+r"""Prints the config references (every field of the base configs) as markdown tables.
 
   python tools/config_reference.py            # print the tables
-  python tools/config_reference.py --write    # rewrite the README block between the markers
-  python tools/config_reference.py --check    # exit 1 if the README block is stale
+  python tools/config_reference.py --write    # rewrite the blocks between the markers
+  python tools/config_reference.py --check    # exit 1 if a block is stale
 
-The tables are generated from the source of `experiments/base.py`, so they cannot drift
-from it: each `c.<section>.<field> = <value>  # meaning` line gives one row, with the
-default exactly as written there. `tests/test_config_reference.py` fails when README.md
-holds an older version of the block.
+Two references: the tokenizer's fields (`experiments/base.py`) in README.md and the token
+priors' fields (`experiments/prior_base.py`) in docs/generation.md. The tables are
+generated from the sources, so they cannot drift from them: each
+`c.<section>.<field> = <value>  # meaning` line gives one row, with the default exactly as
+written there. `tests/config/test_config_reference.py` fails when a document holds an older
+version of its block.
 """
 
 from __future__ import annotations
@@ -28,6 +30,28 @@ START_MARKER = '<!-- config-reference:start -->'
 END_MARKER = '<!-- config-reference:end -->'
 # Fields assigned directly on the root config (c.seed) are listed under this name.
 TOP_LEVEL = ''
+
+
+@dataclasses.dataclass(frozen=True)
+class Target:
+  """A base config and the document whose marked block lists its fields."""
+  config: pathlib.Path
+  function: str
+  document: pathlib.Path
+  start: str
+  end: str
+
+  @property
+  def source(self) -> str:
+    return str(self.config.relative_to(REPO))
+
+
+TARGETS = (
+    Target(BASE_CONFIG, 'get_base_config', README, START_MARKER, END_MARKER),
+    Target(REPO / 'experiments' / 'prior_base.py', 'get_prior_config',
+           REPO / 'docs' / 'generation.md', '<!-- prior-config-reference:start -->',
+           '<!-- prior-config-reference:end -->'),
+)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -109,67 +133,76 @@ def _cell(text: str) -> str:
   return text.replace('|', r'\|')
 
 
-def render(fields: Sequence[Field]) -> str:
-  """Markdown: a short preamble, then one table per section in source order."""
-  sections: dict[str, list[Field]] = {}
-  for f in fields:
-    sections.setdefault(f.section, []).append(f)
+def render(fields: Sequence[Field], source: str = 'experiments/base.py') -> str:
+  """Markdown: a short preamble, then one table of every field in source order.
+
+  One table rather than one per section keeps the README short; the dotted paths
+  (`data.dataset`) already name each field's section.
+  """
   out = [
-      'Every config field, its default in `experiments/base.py` and what it means. Generated '
+      f'Every config field, its default in `{source}` and what it means. Generated '
       'from that file by `python tools/config_reference.py --write` (a test fails when this '
       'block is stale). Override any of them as `--config.<section>.<field>=value`.',
+      '',
+      '| field | default | meaning |',
+      '|---|---|---|',
   ]
-  for section, rows in sections.items():
-    title = f'`config.{section}`' if section else 'top level'
-    out += ['', f'**{title}**', '', '| field | default | meaning |', '|---|---|---|']
-    out += [f'| `{_cell(f.path)}` | `{_cell(f.default)}` | {_cell(f.comment)} |' for f in rows]
+  out += [f'| `{_cell(f.path)}` | `{_cell(f.default)}` | {_cell(f.comment)} |' for f in fields]
   return '\n'.join(out) + '\n'
 
 
-def replace_block(readme_text: str, block: str) -> str:
+def replace_block(readme_text: str, block: str, start_marker: str = START_MARKER,
+                  end_marker: str = END_MARKER) -> str:
   """`readme_text` with the text between the markers replaced by `block`."""
-  start = readme_text.find(START_MARKER)
-  end = readme_text.find(END_MARKER)
+  start = readme_text.find(start_marker)
+  end = readme_text.find(end_marker)
   if start < 0 or end < start:
-    raise ValueError(f'README.md lacks the markers {START_MARKER} ... {END_MARKER} (in that '
-                     'order); add them where the config reference belongs.')
-  head = readme_text[:start + len(START_MARKER)]
+    raise ValueError(f'the document lacks the markers {start_marker} ... {end_marker} (in '
+                     'that order); add them where the config reference belongs.')
+  head = readme_text[:start + len(start_marker)]
   return f'{head}\n{block}{readme_text[end:]}'
 
 
-def readme_block(readme_text: str) -> str:
+def readme_block(readme_text: str, start_marker: str = START_MARKER,
+                 end_marker: str = END_MARKER) -> str:
   """The text currently between the markers (what `replace_block` would overwrite)."""
-  start = readme_text.find(START_MARKER)
-  end = readme_text.find(END_MARKER)
+  start = readme_text.find(start_marker)
+  end = readme_text.find(end_marker)
   if start < 0 or end < start:
-    raise ValueError(f'README.md lacks the markers {START_MARKER} ... {END_MARKER}.')
-  return readme_text[start + len(START_MARKER):end].removeprefix('\n')
+    raise ValueError(f'the document lacks the markers {start_marker} ... {end_marker}.')
+  return readme_text[start + len(start_marker):end].removeprefix('\n')
+
+
+def expected_block(target: Target) -> str:
+  return render(parse_fields(target.config, target.function), target.source)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
   parser = argparse.ArgumentParser(description=__doc__.split('\n\n')[0])
   mode = parser.add_mutually_exclusive_group()
-  mode.add_argument('--write', action='store_true', help='rewrite the block in README.md')
-  mode.add_argument('--check', action='store_true', help='exit 1 if README.md is stale')
+  mode.add_argument('--write', action='store_true', help='rewrite the marked blocks')
+  mode.add_argument('--check', action='store_true', help='exit 1 if a block is stale')
   args = parser.parse_args(argv)
-  block = render(parse_fields())
-  if not (args.write or args.check):
-    sys.stdout.write(block)
-    return 0
-  text = README.read_text(encoding='utf-8')
-  if args.check:
-    if readme_block(text) != block:
-      print(f'{README} has a stale config reference; run python tools/config_reference.py '
-            '--write', file=sys.stderr)
-      return 1
-    return 0
-  new_text = replace_block(text, block)
-  if new_text != text:
-    README.write_text(new_text, encoding='utf-8')
-    print(f'updated the config reference in {README}')
-  else:
-    print(f'{README} is up to date')
-  return 0
+  status = 0
+  for target in TARGETS:
+    block = expected_block(target)
+    if not (args.write or args.check):
+      sys.stdout.write(block + '\n')
+      continue
+    text = target.document.read_text(encoding='utf-8')
+    if args.check:
+      if readme_block(text, target.start, target.end) != block:
+        print(f'{target.document} has a stale config reference; run python '
+              'tools/config_reference.py --write', file=sys.stderr)
+        status = 1
+      continue
+    new_text = replace_block(text, block, target.start, target.end)
+    if new_text != text:
+      target.document.write_text(new_text, encoding='utf-8')
+      print(f'updated the config reference in {target.document}')
+    else:
+      print(f'{target.document} is up to date')
+  return status
 
 
 if __name__ == '__main__':

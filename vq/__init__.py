@@ -9,6 +9,8 @@ Usage sketch::
   results = vq.evaluate(config, '/tmp/vq')          # eval/step_<N>.json
   tok = vq.Tokenizer.from_workdir(config, '/tmp/vq')
   tokens = tok.encode(images_uint8)                 # int32 [N, h, w]
+  gen = vq.Generator.from_workdir('/tmp/gpt')       # a token prior trained on those tokens
+  samples = gen.sample([3, 3, 5], jax.random.PRNGKey(0))
 
 The packages, bottom to top (each imports only the ones above it in this list):
 
@@ -23,6 +25,8 @@ The packages, bottom to top (each imports only the ones above it in this list):
   evaluation   whole-split tokenizer evaluation, FID, probe
   training     losses, the train step, the loop
   inference    a trained tokenizer from its workdir; encode/decode/reconstruct modes
+  generation   token priors (GPT, MaskGIT): training, sampling, evaluation
+  convert      taming-transformers and LlamaGen checkpoints -> vq workdirs (python -m vq.convert)
 
 Importing `vq` imports none of them (and so starts no JAX backend): the names below load
 their package on first use.
@@ -35,6 +39,7 @@ _PUBLIC = {
     'train_and_evaluate': ('vq.training.trainer', 'train_and_evaluate'),
     'evaluate': ('vq.evaluation.evaluator', 'evaluate'),
     'Tokenizer': ('vq.inference.tokenizer', 'Tokenizer'),
+    'Generator': ('vq.generation.generator', 'Generator'),
 }
 
 __all__ = sorted(_PUBLIC)

@@ -128,10 +128,6 @@ class FlopsTest(parameterized.TestCase):
     self.assertEqual(flops.count(sharded, x, w), per_device)
 
 
-if __name__ == '__main__':
-  absltest.main()
-
-
 class TrainStepBenchmarkTest(absltest.TestCase):
   """benchmarks/train_step.py end to end: its FLOP count is the one the timing run uses."""
 
@@ -164,7 +160,6 @@ class TrainStepBenchmarkTest(absltest.TestCase):
     self.assertEqual(out['lpips_weights'], 'random')
     self.assertEqual(out['num_params']['lpips'], 14716160)
     self.assertGreater(out['flops_per_device_step'], 0)
-
 
 
 # benchmarks/train_step.py defines absl flags (as profile_step.py does), so it is imported in

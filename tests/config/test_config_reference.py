@@ -80,3 +80,20 @@ def test_parse_render_and_replace_on_a_small_file(tmp_path):
 def test_check_mode_passes_on_the_repository(capsys):
   assert config_reference.main(['--check']) == 0
   assert capsys.readouterr().err == ''
+
+
+@pytest.mark.parametrize('target', config_reference.TARGETS, ids=lambda t: t.config.name)
+def test_every_document_block_is_up_to_date(target):
+  text = target.document.read_text(encoding='utf-8')
+  assert config_reference.readme_block(text, target.start, target.end) == (
+      config_reference.expected_block(target)), (
+          f'{target.document.name} config reference is stale; run '
+          '`python tools/config_reference.py --write`.')
+
+
+def test_every_prior_field_is_listed_with_a_comment():
+  from experiments import prior_base  # pylint: disable=g-import-not-at-top
+  target = config_reference.TARGETS[1]
+  fields = config_reference.parse_fields(target.config, target.function)
+  assert {f.path for f in fields} == set(_leaf_paths(prior_base.get_prior_config()))
+  assert all(f.comment for f in fields), [f.path for f in fields if not f.comment]

@@ -15,10 +15,13 @@ from experiments import vqvae_cifar
 from vq.config import builders
 from vq.config import validation as config_validation
 from vq.config.validation import ConfigError
+from vq.generation import generator as gen_lib
+from vq.generation import priors
+from vq.generation import validation as prior_validation
 
 REPO = pathlib.Path(__file__).resolve().parents[2]
 CONFIG_FILES = sorted(p for p in (REPO / 'experiments').glob('*.py')
-                      if p.name not in ('__init__.py', 'base.py'))
+                      if p.name not in ('__init__.py', 'base.py', 'prior_base.py'))
 
 
 def _load(path):
@@ -30,13 +33,24 @@ def _load(path):
 
 def test_config_files_exist():
   names = {p.name for p in CONFIG_FILES}
-  assert {'vqvae_cifar.py', 'vqgan_cifar.py'} <= names
+  assert {'vqvae_cifar.py', 'vqgan_cifar.py', 'gpt_cifar.py', 'maskgit_cifar.py'} <= names
 
 
 @pytest.mark.parametrize('path', CONFIG_FILES, ids=lambda p: p.name)
 @pytest.mark.parametrize('arg', [None, 'smoke'])
 def test_every_config_imports_validates_and_builds(path, arg):
   config = _load(path).get_config(arg)
+  if prior_validation.is_prior(config):  # a token prior: its transformer over an 8x8 grid
+    config.prior.tokenizer_workdir = '/a/tokenizer'
+    prior_validation.validate(config, num_devices=1)
+    layout = priors.TokenLayout(num_codes=512, num_classes=config.data.num_classes,
+                                grid=(8, 8))
+    model = gen_lib.build_model(config, layout)
+    logits = jax.eval_shape(lambda: model.apply(
+        model.init(jax.random.PRNGKey(0), jnp.zeros((1, 65), jnp.int32)),
+        jnp.zeros((2, 65), jnp.int32)))
+    assert logits.shape == (2, 65, 512)
+    return
   config_validation.validate(config, num_devices=1)
   for field in ('objective', 'seed', 'train.num_steps', 'train.batch_size', 'eval.dataset'):
     node = config
@@ -80,6 +94,8 @@ BAD_CONFIGS = {
     'image_size_not_divisible': (_bad('data.image_size', 30), r'data.image_size=30 is not divisible by the encoder downsampling factor 4'),
     'taming_image_size': (_bad('model.arch', 'taming', **{'data.image_size': 34}), r'data.image_size=34 is not divisible .* factor 4'),
     'taming_groupnorm': (_bad('model.arch', 'taming', **{'model.ch': 48}), r'model.ch=48 times multiplier 1 is not a multiple of 32'),
+    'unknown_beta_on': (_bad('quantizer.beta_on', 'encoder'), r"quantizer.beta_on='encoder' is unknown.*'commitment', 'codebook'"),
+    'beta_on_codebook_needs_vq': (_bad('quantizer.beta_on', 'codebook'), r"quantizer.beta_on='codebook' is not supported by quantizer.kind='ema'"),
     'codebook_too_small': (_bad('quantizer.num_codes', 1), r'quantizer.num_codes=1 must be >= 2'),
     'code_dim_zero': (_bad('quantizer.code_dim', 0), r'quantizer.code_dim=0 must be >= 1'),
     'negative_beta': (_bad('quantizer.beta', -0.1), r'quantizer.beta=-0.1 must be >= 0'),
@@ -159,3 +175,42 @@ def test_unwritable_workdir_fails_before_compiling(tmp_path):
   assert result.returncode == 2
   lines = [l for l in result.stderr.splitlines() if l.startswith('error:')]
   assert len(lines) == 1 and 'cannot be created' in lines[0], result.stderr[-2000:]
+
+
+def _bad_prior(field, value, **extra):
+  def make():
+    from experiments import gpt_cifar  # pylint: disable=g-import-not-at-top
+    c = gpt_cifar.get_config('smoke')
+    c.update_from_flattened_dict({'prior.tokenizer_workdir': '/t', field: value, **extra})
+    return c
+  return make
+
+
+BAD_PRIOR_CONFIGS = {
+    'no_tokenizer': (_bad_prior('prior.tokenizer_workdir', ''), r"prior.tokenizer_workdir='' is empty"),
+    'unknown_objective': (_bad_prior('objective', 'diffusion'), r"objective='diffusion' is unknown.*'gpt', 'maskgit'"),
+    'heads': (_bad_prior('prior.num_heads', 5), r'prior.num_heads=5 does not divide prior.width=32'),
+    'class_dropout': (_bad_prior('prior.class_dropout', 1.0), r'prior.class_dropout=1.0 must be in \[0, 1\)'),
+    'top_p': (_bad_prior('sample.top_p', 0.0), r'sample.top_p=0.0 must be in \(0, 1\]'),
+    'temperature': (_bad_prior('sample.temperature', 0.0), r'sample.temperature=0.0 must be > 0'),
+    'mask_ratio': (_bad_prior('eval.mask_ratio', 1.0), r'eval.mask_ratio=1.0 must be in \(0, 1\)'),
+    'guidance_unconditional': (_bad_prior('sample.guidance', 2.0, **{'data.num_classes': 0}), r'sample.guidance=2.0 needs a class-conditional prior'),
+    'sample_batch': (_bad_prior('sample.batch_size', 6), r'sample.batch_size=6 is not divisible by the 4 devices'),
+    'negative_top_k': (_bad_prior('sample.top_k', -1), r'sample.top_k=-1 must be >= 0'),
+}
+
+
+@pytest.mark.parametrize('name', sorted(BAD_PRIOR_CONFIGS))
+def test_bad_prior_config_fails_with_one_line_message(name):
+  make, pattern = BAD_PRIOR_CONFIGS[name]
+  with pytest.raises(ConfigError, match=pattern) as info:
+    prior_validation.validate(make(), num_devices=4)
+  assert '\n' not in str(info.value)
+
+
+def test_cli_sample_mode_refuses_a_tokenizer_config(tmp_path):
+  result = _run_cli('--config=experiments/vqvae_cifar.py:smoke', f'--workdir={tmp_path}',
+                    '--mode=sample', f'--out={tmp_path}/s')
+  assert result.returncode == 2
+  lines = [l for l in result.stderr.splitlines() if l.startswith('error:')]
+  assert len(lines) == 1 and 'needs a token prior config' in lines[0], result.stderr[-2000:]

@@ -115,13 +115,29 @@ def test_psnr_and_mse_match_numpy_formula(data_range):
                               atol=1e-4)
 
 
-def test_psnr_accepts_uint8_and_is_inf_for_identical_images():
+def test_psnr_accepts_uint8_and_caps_identical_images():
   a = _rng(0).integers(0, 256, (2, 8, 8, 3), dtype=np.uint8)
   b = a.copy()
   b[1, 0, 0, 0] ^= 1  # One pixel off by one: mse = 1 / 192.
   ours = np.asarray(metrics.psnr(a, b))
-  assert ours[0] == np.inf
+  assert ours[0] == metrics.MAX_PSNR == 100.0
   np.testing.assert_allclose(ours[1], 10 * np.log10(255.0**2 * 192), rtol=1e-6)
+
+
+def test_psnr_is_capped_and_finite_for_exact_and_near_exact_images():
+  # A constant image reconstructed exactly, and one with one value off by one among
+  # 256 * 256 * 3 (10 log10(255^2 * 196608) = 101.07 dB without the cap).
+  a = np.full((2, 256, 256, 3), 128, np.uint8)
+  b = a.copy()
+  b[1, 0, 0, 0] = 129
+  assert 10 * np.log10(255.0**2 * 256 * 256 * 3) > 101
+  ours = np.asarray(metrics.psnr(a, b))
+  np.testing.assert_array_equal(ours, [100.0, 100.0])
+  np.testing.assert_array_equal(np.asarray(metrics.psnr(a, b, max_psnr=60.0)), [60.0, 60.0])
+  # Its gradient at an exact reconstruction is finite (zero), not NaN.
+  grad = jax.grad(lambda y: metrics.psnr(a[:1].astype(np.float32), y)[0])(
+      a[:1].astype(np.float32))
+  assert np.all(np.asarray(grad) == 0)
 
 
 def test_metrics_reject_mismatched_shapes():

@@ -171,6 +171,79 @@ def test_bits_per_image_and_compression_ratio_for_the_smoke_config(tmp_path, cac
     assert key not in results  # each was turned off
 
 
+def _zero_decoder_output(params):
+  """Params whose decoder outputs exactly 0 (a zero `conv_out` kernel and bias)."""
+  params = dict(params)
+  params['decoder'] = dict(params['decoder'])
+  params['decoder']['conv_out'] = jax.tree.map(np.zeros_like, params['decoder']['conv_out'])
+  return params
+
+
+def _reject_constant(name):
+  raise ValueError(f'eval JSON holds {name}')
+
+
+def test_exact_reconstructions_and_padding_rows_give_finite_capped_psnr(tmp_path, cache_dir,
+                                                                        state, eval_images):
+  # A zero last decoder layer outputs 0 everywhere, i.e. pixel 128 (to_pixel_range rounds
+  # 127.5 half to even). The 3 zero padding rows of the last batch and an all-128 image are
+  # then reconstructed exactly (MSE 0).
+  params = _zero_decoder_output(state.params)
+  images = eval_images.copy()
+  images[0] = 128
+  config = _smoke(**{'eval.dataset': _write_npz(tmp_path / 'e.npz', images),
+                     'eval.rfid': False})
+  results = evaluator.evaluate_params(config, params, state.vq_stats)
+
+  # Oracle: numpy PSNR against the constant 128 image, 100 dB where the MSE is 0.
+  mse = np.mean((images.astype(np.float64) - 128.0) ** 2, axis=(1, 2, 3))
+  assert mse[0] == 0 and np.all(mse[1:] > 0)
+  psnr = np.where(mse > 0, 10 * np.log10(255.0**2 / np.maximum(mse, 1e-12)), 100.0)
+  assert results['num_examples'] == N_EVAL
+  np.testing.assert_allclose(results['psnr'], psnr.mean(), rtol=1e-5)
+  np.testing.assert_allclose(results['mse'], mse.mean(), rtol=1e-5)
+  assert '100 dB' in results['evaluator']
+  path = evaluator.write_results(tmp_path, {'step': 0, **results})
+  saved = json.loads(path.read_text(), parse_constant=_reject_constant)  # no NaN, Infinity
+  np.testing.assert_allclose(saved['psnr'], psnr.mean(), rtol=1e-5)
+
+
+def test_eval_step_masks_padding_rows_whatever_their_values(state, eval_images):
+  # Run op by op (vmap, no jit): XLA's simplifier may turn `value * mask` into a select under
+  # jit, which would hide an inf * 0 = NaN from a padding row; the step must not rely on it.
+  params = _zero_decoder_output(state.params)
+  # Rows 2, 3 are padding: zeros as eval_batches pads (reconstructed exactly), and a NaN row.
+  images = np.zeros((4, 32, 32, 3), np.float32)
+  images[:2] = data.to_float(eval_images[:2])
+  images[3] = np.nan
+  batch = {'image': images, 'mask': np.arange(4) < 2, 'label': np.zeros(4, np.int32)}
+  step = evaluator.make_eval_step(_smoke(), with_lpips=False)
+  sums, _ = jax.vmap(step, in_axes=(None, None, None, 0), axis_name=evaluator.AXIS)(
+      params, state.vq_stats, {}, jax.tree.map(lambda v: v[None], batch))
+  mse = np.mean((eval_images[:2].astype(np.float64) - 128.0) ** 2, axis=(1, 2, 3))
+  np.testing.assert_allclose(sums['psnr'][0], np.sum(10 * np.log10(255.0**2 / mse)), rtol=1e-5)
+  np.testing.assert_allclose(sums['mse'][0], mse.sum(), rtol=1e-5)
+  assert sums['num_examples'][0] == 2
+
+
+def test_eval_step_does_not_compute_the_lfq_entropy_penalty():
+  # 8 images of 8x8 tokens: the penalty's softmax would be [512 positions, 128 codes].
+  config = _smoke(**{'quantizer.kind': 'lfq', 'quantizer.num_codes': 128,
+                     'quantizer.entropy_weight': 0.1, 'quantizer.init': 'random',
+                     'quantizer.restart_after': 0})
+  batch = {'image': np.zeros((8, 32, 32, 3), np.float32), 'mask': np.ones(8, bool),
+           'label': np.zeros(8, np.int32)}
+  model = builders.build_tokenizer(config)
+  # Shapes are all tracing needs.
+  variables = jax.eval_shape(model.init, jax.random.key(0), batch['image'])
+  step = evaluator.make_eval_step(config, with_lpips=False)
+  jaxpr = str(jax.make_jaxpr(step, axis_env=[(evaluator.AXIS, 1)])(
+      variables['params'], variables.get('vq_stats', {}), {}, batch))
+  train_jaxpr = str(jax.make_jaxpr(lambda v, x: model.apply(v, x, train=True))(
+      variables, batch['image']))
+  assert 'f32[512,128]' in train_jaxpr and 'f32[512,128]' not in jaxpr
+
+
 def test_rfid_is_null_with_the_reason_when_weights_are_missing(tmp_path, cache_dir, state,
                                                                 eval_images):
   config = _smoke(**{'eval.dataset': _write_npz(tmp_path / 'e.npz', eval_images),

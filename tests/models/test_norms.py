@@ -8,7 +8,9 @@ from jax.test_util import check_grads
 import numpy as np
 import pytest
 
+from vq.cpu import native
 from vq.models import norms
+from tests.models.test_conv import native_expected_here
 
 
 def _numpy_group_norm(x, scale, bias, groups, eps):
@@ -57,6 +59,73 @@ def test_group_norm_gradients_match_finite_differences():
   fn = lambda x, scale, bias: jnp.sin(norms.group_norm(x, scale, bias, num_groups=2))
   check_grads(fn, (x, params['scale'], params['bias']), order=1, modes=('rev',),
               atol=1e-2, rtol=1e-2, eps=1e-3)
+
+
+def _numpy_group_norm_swish_vjp(x, scale, bias, groups, eps, cot):
+  """float64 (dx, dscale, dbias) of sum(cot * swish(GroupNorm(x))), derived by hand.
+
+  With x_hat = (x - mean) / sigma over a group, h = x_hat * scale + bias and
+  swish'(h) = s + h s (1 - s), s = sigmoid(h): dh = cot * swish'(h), dscale = sum dh x_hat,
+  dbias = sum dh, and dx = (g - mean(g) - x_hat mean(g x_hat)) / sigma with g = dh * scale,
+  the means over the group's elements.
+  """
+  x = np.asarray(x, np.float64)
+  n, c = x.shape[0], x.shape[-1]
+  xg = x.reshape(n, -1, groups, c // groups)
+  mean = xg.mean(axis=(1, 3), keepdims=True)
+  sigma = np.sqrt(((xg - mean) ** 2).mean(axis=(1, 3), keepdims=True) + eps)
+  x_hat = ((xg - mean) / sigma).reshape(x.shape)
+  h = x_hat * scale + bias
+  s = 1 / (1 + np.exp(-h))
+  dh = np.asarray(cot, np.float64) * (s + h * s * (1 - s))
+  axes = tuple(range(x.ndim - 1))
+  g = (dh * scale).reshape(xg.shape)
+  xh = x_hat.reshape(xg.shape)
+  dx = (g - g.mean(axis=(1, 3), keepdims=True)
+        - xh * (g * xh).mean(axis=(1, 3), keepdims=True)) / sigma
+  return dx.reshape(x.shape), (dh * x_hat).sum(axis=axes), dh.sum(axis=axes)
+
+
+def test_group_norm_swish_gradient_on_the_native_path_matches_numpy():
+  # 64 float32 channels in 32 groups: the shape the taming networks run, and one the native
+  # kernel takes (channels a multiple of 16); 4 channels, as above, never reach it.
+  shape, groups, eps = (2, 6, 5, 64), 32, 1e-6
+  rng = np.random.default_rng(6)
+  x = jnp.asarray(rng.normal(size=shape) * 2 + 0.5, jnp.float32)
+  params = _params(rng, shape[-1])
+  cot = jnp.asarray(rng.normal(size=shape), jnp.float32)
+  scale64, bias64 = np.asarray(params['scale'], np.float64), np.asarray(params['bias'])
+  want = _numpy_group_norm_swish_vjp(x, scale64, bias64, groups, eps, cot)
+
+  # The oracle against float64 central differences of the forward, along random directions.
+  def loss(x, scale, bias):
+    h = _numpy_group_norm(x, scale, bias, groups, eps)
+    return np.sum(np.asarray(cot, np.float64) * h / (1 + np.exp(-h)))
+  args = (np.asarray(x, np.float64), scale64, bias64)
+  for i, grad in enumerate(want):
+    v = rng.normal(size=grad.shape)
+    step = [a + 1e-6 * v if j == i else a for j, a in enumerate(args)]
+    back = [a - 1e-6 * v if j == i else a for j, a in enumerate(args)]
+    np.testing.assert_allclose((loss(*step) - loss(*back)) / 2e-6, np.sum(grad * v), rtol=1e-6)
+
+  def grads(fn):
+    return jax.jit(jax.grad(lambda x, p: jnp.sum(fn(x, p) * cot), argnums=(0, 1)))(x, params)
+
+  native_fn = lambda x, p: norms.GroupNorm(num_groups=groups, epsilon=eps, swish=True).apply(
+      {'params': p}, x)
+  xla_fn = lambda x, p: nn.swish(norms.group_norm(x, p['scale'], p['bias'], num_groups=groups,
+                                                  epsilon=eps))
+  native_path = native.group_norm_supported(jnp.float32, shape[-1], groups)
+  if not native_path and not native_expected_here():
+    pytest.skip(f'no native kernel on this machine: {native.unavailable_reason()}')
+  assert native_path
+  lowered = jax.jit(jax.grad(lambda x: jnp.sum(native_fn(x, params)))).lower(x).as_text()
+  assert 'vq_group_norm_bwd' in lowered
+  for fn in (native_fn, xla_fn):
+    dx, dp = grads(fn)
+    for got, expected in zip((dx, dp['scale'], dp['bias']), want):
+      np.testing.assert_allclose(got, expected, rtol=1e-4,
+                                 atol=1e-4 * np.abs(expected).max())
 
 
 def test_group_norm_params_are_flax_groupnorm_params():

@@ -1,9 +1,9 @@
 """Tests for the codebook options of VectorQuantizer and EMAVectorQuantizer.
 
-Factorised l2 lookup, entropy penalty, rotation trick and codebook upkeep (`maintain`),
-each against an oracle written here in numpy (float64): the rotation matrix built
-explicitly, cosine similarities of hand-projected inputs, the entropy formula, the EMA
-update with reset statistics, and cluster means of well-separated synthetic clusters.
+Factorised l2 lookup, entropy penalty and codebook upkeep (`maintain`), each against an
+oracle written here in numpy (float64): cosine similarities of hand-projected inputs, the
+entropy formula, the EMA update with reset statistics, and cluster means of well-separated
+synthetic clusters. The rotation trick has its own file, test_rotation.py.
 """
 
 import functools
@@ -50,17 +50,6 @@ def _np_entropy_loss(x, codebook, temperature):
   p = np.exp(logits - logits.max(axis=-1, keepdims=True))
   p /= p.sum(axis=-1, keepdims=True)
   return np.mean([_np_entropy(row) for row in p]) - _np_entropy(p.mean(axis=0))
-
-
-def _np_rotation_jacobian(z, e):
-  """lambda * (I - 2 r r^T + 2 q u^T), the matrix written out."""
-  z = np.asarray(z, np.float64)
-  e = np.asarray(e, np.float64)
-  u = z / np.linalg.norm(z)
-  q = e / np.linalg.norm(e)
-  r = (u + q) / np.linalg.norm(u + q)
-  rotation = np.eye(len(z)) - 2.0 * np.outer(r, r) + 2.0 * np.outer(q, u)
-  return np.linalg.norm(e) / np.linalg.norm(z) * rotation
 
 
 def _codebook(seed, k=K, d=D):
@@ -114,69 +103,7 @@ def _require_devices(n):
 
 
 # ---------------------------------------------------------------------------------------
-# 1. Rotation trick.
-
-
-def test_rotate_to_forward_is_code_and_jacobian_is_scaled_rotation():
-  rng = np.random.default_rng(0)
-  rotate = jax.jit(lambda z, e: quantizers.rotate_to(z[None], e[None])[0])
-  jacobian = jax.jit(jax.jacobian(rotate))
-  for _ in range(3):
-    z = rng.normal(size=D).astype(np.float32)
-    e = (3.0 * rng.normal(size=D)).astype(np.float32)
-    np.testing.assert_allclose(rotate(z, e), e, rtol=0, atol=1e-6 * np.abs(e).max())
-    jac = jacobian(z, e)
-    expected = _np_rotation_jacobian(z, e)
-    np.testing.assert_allclose(jac, expected, rtol=1e-5, atol=1e-5)
-    # Not the straight-through identity, and an isometry up to the scale lambda.
-    assert np.max(np.abs(expected - np.eye(D))) > 0.1
-    scale = np.linalg.norm(e) / np.linalg.norm(z)
-    np.testing.assert_allclose(jac.T @ jac / scale ** 2, np.eye(D), atol=1e-4)
-
-
-def test_rotate_to_degenerate_inputs_stay_finite():
-  e = np.array([1.0, -2.0, 0.5, 3.0], np.float32)
-  grad_fn = jax.jit(jax.jacobian(lambda v: quantizers.rotate_to(v[None], e[None])[0]))
-  # Antipodal z: the guard uses the reflection I - 2 q q^T, which still maps u onto q.
-  z = -0.5 * e
-  jac = np.asarray(grad_fn(jnp.asarray(z)))
-  q = e / np.linalg.norm(e)
-  reflection = np.eye(D) - 2.0 * np.outer(q, q)
-  np.testing.assert_allclose(jac, np.linalg.norm(e) / np.linalg.norm(z) * reflection,
-                             rtol=1e-5, atol=1e-5)
-  np.testing.assert_allclose(quantizers.rotate_to(z[None], e[None])[0], e, atol=1e-6)
-  # z = 0: straight-through identity.
-  jac0 = np.asarray(grad_fn(jnp.zeros(D)))
-  np.testing.assert_allclose(jac0, np.eye(D), atol=1e-6)
-
-
-@pytest.mark.parametrize('cls', CLASSES)
-def test_rotation_gradient_through_module_and_losses_unchanged(cls):
-  cb = _codebook(1)
-  z = np.random.default_rng(2).normal(size=(1, D)).astype(np.float32)
-  ste = cls(num_codes=K, code_dim=D, beta=BETA)
-  rot = cls(num_codes=K, code_dim=D, beta=BETA, gradient='rotation')
-  variables = _vars_for(cls, cb)
-  idx = int(np.argmin(_np_sq_dist(z, cb)))
-
-  out = _apply(rot, variables, z)
-  assert int(out.indices[0]) == idx
-  np.testing.assert_allclose(out.quantized[0], cb[idx], rtol=0, atol=1e-6)
-  ste_out = _apply(ste, variables, z)
-  for name in ('commitment_loss', 'codebook_loss', 'loss'):
-    np.testing.assert_array_equal(getattr(out, name), getattr(ste_out, name), err_msg=name)
-
-  jac = jax.jit(jax.jacobian(lambda v: rot.apply(variables, v[None]).quantized[0]))(z[0])
-  np.testing.assert_allclose(jac, _np_rotation_jacobian(z[0], cb[idx]), rtol=1e-5, atol=1e-5)
-  if cls is quantizers.VectorQuantizer:
-    # As with straight-through, the output sends no gradient to the codebook.
-    g = jax.jit(jax.grad(lambda p: jnp.sum(rot.apply({'params': p}, z).quantized)))(
-        variables['params'])
-    np.testing.assert_array_equal(g['codebook'], 0.0)
-
-
-# ---------------------------------------------------------------------------------------
-# 2. Factorised l2 lookup.
+# 1. Factorised l2 lookup.
 
 
 def _projected(params, z):
@@ -256,7 +183,7 @@ def test_ema_l2_update_averages_normalised_vectors_and_normalises_codebook():
 
 
 # ---------------------------------------------------------------------------------------
-# 3. Entropy penalty.
+# 2. Entropy penalty.
 
 
 @pytest.mark.parametrize('cls', CLASSES)
@@ -266,7 +193,7 @@ def test_entropy_penalty_matches_numpy_and_enters_loss(cls):
                entropy_temperature=temperature)
   cb = _codebook(7)
   z = np.random.default_rng(8).normal(size=(3, 5, D)).astype(np.float32)
-  out = _apply(module, _vars_for(cls, cb), z)
+  out, _ = _train(module, _vars_for(cls, cb), z)  # a training term: train=True
   expected = _np_entropy_loss(z.reshape(-1, D), cb, temperature)
   assert abs(expected) > 0.1  # not a vacuous comparison
   np.testing.assert_allclose(out.entropy_loss, expected, rtol=1e-5, atol=1e-6)
@@ -279,12 +206,27 @@ def test_entropy_penalty_matches_numpy_and_enters_loss(cls):
   np.testing.assert_allclose(plain.loss, out.loss - weight * expected, rtol=1e-5)
 
 
+@pytest.mark.parametrize('cls', CLASSES)
+def test_entropy_penalty_only_in_training(cls):
+  module = cls(num_codes=K, code_dim=D, beta=BETA, entropy_weight=0.3)
+  cb = _codebook(7)
+  z = np.random.default_rng(8).normal(size=(3, 5, D)).astype(np.float32)
+  out = _apply(module, _vars_for(cls, cb), z)  # train=False: evaluation, tokenizing
+  flat = z.reshape(-1, D).astype(np.float64)
+  codes = cb[np.argmin(_np_sq_dist(flat, cb), axis=-1)]
+  mse = np.mean((flat - codes) ** 2)
+  assert float(out.entropy_loss) == 0.0
+  learned = cls is quantizers.VectorQuantizer  # its codebook term equals the commitment
+  np.testing.assert_allclose(out.loss, (BETA + learned) * mse, rtol=1e-5)
+
+
 def test_entropy_penalty_gradient_finite_when_probabilities_underflow():
   # Far from every code at T = 0.01: most softmax entries are exactly 0 in float32.
   cb = _codebook(9)
   z = (20.0 * np.random.default_rng(10).normal(size=(6, D))).astype(np.float32)
   module = quantizers.VectorQuantizer(num_codes=K, code_dim=D, entropy_weight=1.0)
-  grad_fn = jax.grad(lambda p, z: module.apply({'params': p}, z).entropy_loss, argnums=(0, 1))
+  grad_fn = jax.grad(lambda p, z: module.apply({'params': p}, z, train=True).entropy_loss,
+                     argnums=(0, 1))
   grads = jax.jit(grad_fn)({'codebook': jnp.asarray(cb)}, jnp.asarray(z))
   chex.assert_tree_all_finite(grads)
 
@@ -299,7 +241,7 @@ def test_entropy_penalty_under_pmap_equals_single_device():
   z = np.random.default_rng(12).normal(size=(num_devices, 3, D)).astype(np.float32)
 
   def entropy(module, params, z):
-    return module.apply({'params': params}, z).entropy_loss
+    return module.apply({'params': params}, z, train=True).entropy_loss
 
   def per_device(params, z):
     value, grad = jax.value_and_grad(functools.partial(entropy, sharded))(params, z)
@@ -321,7 +263,7 @@ def test_entropy_penalty_under_pmap_equals_single_device():
 
 
 # ---------------------------------------------------------------------------------------
-# 4. Codebook upkeep: restarts and k-means.
+# 3. Codebook upkeep: restarts and k-means.
 
 
 def _np_ema_step(counts, sums, steps, z, codebook, decay, epsilon):
@@ -499,7 +441,7 @@ def test_gradient_codebook_maintain_writes_params_read_back_in_same_apply():
 
 
 # ---------------------------------------------------------------------------------------
-# 5. Sown lookup inputs, properties, errors.
+# 4. Sown lookup inputs, properties, errors.
 
 
 @pytest.mark.parametrize('cls', CLASSES)
@@ -534,3 +476,34 @@ def test_bad_options_raise_value_errors(cls):
   with pytest.raises(ValueError, match=r'\[N, 3\].*\(5, 4\)'):
     _maintain(module, variables, jnp.zeros((5, D)), jnp.zeros(K, bool), False,
               jax.random.key(1))
+
+
+# ---------------------------------------------------------------------------------------
+# 6. Where beta goes (taming's legacy placement, for converted checkpoints).
+
+
+@pytest.mark.parametrize('beta_on', ['commitment', 'codebook'])
+def test_beta_on_weighs_the_named_term_in_loss_and_gradients(beta_on):
+  cb = _codebook(5)
+  z = np.random.default_rng(6).normal(size=(6, D)).astype(np.float32)
+  module = quantizers.VectorQuantizer(num_codes=K, code_dim=D, beta=BETA, beta_on=beta_on)
+  params = {'codebook': jnp.asarray(cb)}
+  idx = np.argmin(_np_sq_dist(z, cb), axis=1)
+  diff = z.astype(np.float64) - cb[idx].astype(np.float64)
+  mse = np.mean(diff ** 2)  # both terms have this value; only their gradients differ
+  w_code, w_commit = (BETA, 1.0) if beta_on == 'codebook' else (1.0, BETA)
+  out = _apply(module, {'params': params}, z)
+  np.testing.assert_allclose(out.loss, (w_code + w_commit) * mse, rtol=1e-6)
+  loss = lambda p, x: module.apply({'params': p}, x).loss
+  g_codebook, g_z = jax.jit(jax.grad(loss, argnums=(0, 1)))(params, z)
+  # d/dz of w_commit * mean((z - sg e)^2); d/de of w_code * mean((sg z - e)^2), summed per row.
+  np.testing.assert_allclose(g_z, w_commit * 2 * diff / diff.size, rtol=1e-5, atol=1e-7)
+  want = np.zeros_like(cb, np.float64)
+  np.add.at(want, idx, -w_code * 2 * diff / diff.size)
+  np.testing.assert_allclose(g_codebook['codebook'], want, rtol=1e-5, atol=1e-7)
+
+
+def test_unknown_beta_on_is_a_value_error():
+  with pytest.raises(ValueError, match=r"beta_on='encoder' is unknown"):
+    quantizers.VectorQuantizer(num_codes=K, code_dim=D, beta_on='encoder').init(
+        jax.random.key(0), jnp.zeros((2, D)))

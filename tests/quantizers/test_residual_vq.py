@@ -13,10 +13,14 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from experiments import vqvae_cifar
 from vq import quantizers
+from vq.config import builders
+from vq.config import validation as config_validation
 from vq.quantizers import residual as residual_vq
 from vq.models import tokenizer
 from tests import train_util
+from tests.quantizers import test_rotation
 
 K = 8  # codes per level
 D = 3  # code dimension
@@ -129,6 +133,71 @@ def test_gradients_straight_through_on_total_and_per_level_losses():
     np.add.at(expected, idx[:, l], 2 * (codes[l] - residuals[l]) / n)
     np.testing.assert_allclose(p_grad[f'levels_{l}']['codebook'], expected, rtol=1e-4,
                                atol=1e-6)
+
+
+@pytest.mark.parametrize('base', ['ema', 'vq'])
+def test_rotation_gradient_composes_each_levels_rotation(base):
+  codebooks = _codebooks(2)
+  rng = np.random.default_rng(4)
+  z = rng.normal(size=(12, D)).astype(np.float32)
+  w = rng.normal(size=(12, D)).astype(np.float32)
+  ste = ResidualVQ(num_codes=K, code_dim=D, depth=DEPTH, base=base, beta=BETA)
+  rot = ResidualVQ(num_codes=K, code_dim=D, depth=DEPTH, base=base, beta=BETA,
+                   gradient='rotation')
+  variables = _variables(base, codebooks)
+  idx, residuals, codes = _np_residual_vq(z, codebooks)
+
+  out, ste_out = _apply(rot, variables, z), _apply(ste, variables, z)
+  np.testing.assert_array_equal(out.indices, idx)
+  np.testing.assert_allclose(out.quantized, sum(codes), rtol=1e-6, atol=1e-6)
+  for name in ('commitment_loss', 'codebook_loss', 'loss', 'counts'):
+    np.testing.assert_array_equal(getattr(out, name), getattr(ste_out, name), err_msg=name)
+
+  # Oracle: level l's surrogate is lambda_l R_l (R_l, built from the angle's cos and sin,
+  # turns r_l onto e_l in their plane; lambda_l = |e_l| / |r_l|); the decoder input is
+  # z - s_depth with s_{l+1} = (I - lambda_l R_l) s_l, so its Jacobian is
+  # I - prod_l (I - lambda_l R_l), last level leftmost.
+  grad = jax.jit(jax.grad(lambda z: jnp.sum(w * rot.apply(variables, z).quantized)))(z)
+  for m in range(len(z)):
+    remainder = np.eye(D)
+    for r, e in zip(residuals, codes):
+      rotation = test_rotation.np_plane_rotation(r[m], e[m])
+      np.testing.assert_allclose(rotation @ r[m] / np.linalg.norm(r[m]),
+                                 e[m] / np.linalg.norm(e[m]), atol=1e-12)
+      remainder = (np.eye(D) - np.linalg.norm(e[m]) / np.linalg.norm(r[m]) * rotation) @ remainder
+    jacobian = np.eye(D) - remainder
+    np.testing.assert_allclose(grad[m], jacobian.T @ w[m], rtol=1e-4, atol=1e-5)
+  # Not the straight-through gradient (which is w itself).
+  assert np.max(np.abs(np.asarray(grad) - w)) > 0.1
+  # The losses still reach z through r_l alone, as with straight-through.
+  z_grad = jax.jit(jax.grad(lambda z: rot.apply(variables, z).loss))(z)
+  ste_grad = jax.jit(jax.grad(lambda z: ste.apply(variables, z).loss))(z)
+  np.testing.assert_array_equal(z_grad, ste_grad)
+
+
+def test_rotation_at_depth_one_is_the_single_quantizers_rotation():
+  codebook = _codebooks(3, depth=1)
+  z = np.random.default_rng(5).normal(size=(6, D)).astype(np.float32)
+  rvq = ResidualVQ(num_codes=K, code_dim=D, depth=1, base='vq', gradient='rotation')
+  single = quantizers.VectorQuantizer(num_codes=K, code_dim=D, gradient='rotation')
+  jac = lambda m, v: jax.jit(jax.jacfwd(lambda z: m.apply(v, z).quantized))(z)
+  np.testing.assert_allclose(
+      jac(rvq, _variables('vq', codebook)),
+      jac(single, {'params': {'codebook': jnp.asarray(codebook[0])}}), rtol=1e-5, atol=1e-6)
+
+
+def test_config_gradient_reaches_rvq_and_is_validated():
+  config = vqvae_cifar.get_config('smoke')
+  config.update_from_flattened_dict({'quantizer.kind': 'rvq', 'quantizer.init': 'random',
+                                     'quantizer.restart_after': 0,
+                                     'quantizer.gradient': 'rotation'})
+  config_validation.validate(config, num_devices=4)
+  assert builders.build_quantizer(config.quantizer).gradient == 'rotation'
+  config.quantizer.gradient = 'rotate'
+  with pytest.raises(ValueError, match=r"quantizer.gradient='rotate' is unknown"):
+    config_validation.validate(config, num_devices=4)
+  with pytest.raises(ValueError, match=r"ResidualVQ gradient='rotate' is unknown"):
+    ResidualVQ(num_codes=K, code_dim=D, depth=2, gradient='rotate')
 
 
 def test_one_ema_step_updates_every_level_from_its_own_residuals():

@@ -53,14 +53,6 @@ def _np_fsq_bound(z, levels):
   return np.tanh(np.asarray(z, np.float64) + shift) * half_l - offset
 
 
-def _np_fsq_bound_grad(z, levels):
-  levels = np.asarray(levels, np.float64)
-  half_l = (levels - 1) * (1 - 1e-3) / 2
-  offset = np.where(levels % 2 == 0, 0.5, 0.0)
-  shift = np.arctanh(offset / half_l)
-  return half_l * (1 - np.tanh(np.asarray(z, np.float64) + shift) ** 2)
-
-
 def _np_lfq_codes(bits):
   """Code k has +1 in dimension i iff bit i of k is set."""
   return np.asarray([[1.0 if (k >> i) & 1 else -1.0 for i in range(bits)]
@@ -153,9 +145,16 @@ def test_fsq_straight_through_gradient_is_identity_on_the_bounded_value():
   z = rng.normal(size=(6, 3)).astype(np.float32)
   w = rng.normal(size=(6, 3)).astype(np.float32)
   grad = jax.jit(jax.grad(lambda z: jnp.sum(w * fsq.apply({}, z).quantized)))(z)
-  # d round(f(z)) / dz is taken as f'(z); the normalisation by L // 2 is a plain scale.
-  expected = w * _np_fsq_bound_grad(z, LEVELS) / (np.asarray(LEVELS) // 2)
-  np.testing.assert_allclose(grad, expected, rtol=1e-5, atol=1e-7)
+  # Straight-through: the gradient of the code f(z) / (L // 2) with rounding taken as the
+  # identity. Oracle: central finite differences of the float64 bound, element by element
+  # (each dimension is bounded on its own, so the Jacobian is diagonal).
+  eps = 1e-6
+  surrogate = lambda z: _np_fsq_bound(z, LEVELS) / (np.asarray(LEVELS) // 2)
+  z64 = z.astype(np.float64)
+  slope = (surrogate(z64 + eps) - surrogate(z64 - eps)) / (2 * eps)
+  np.testing.assert_allclose(grad, w * slope, rtol=1e-5, atol=1e-7)
+  # Not the identity: the tanh bound scales the gradient (down to ~0 where it saturates).
+  assert np.max(np.abs(slope - 1.0)) > 0.1
 
 
 def test_fsq_projections_when_code_dim_differs():
@@ -201,7 +200,7 @@ def test_lfq_losses_match_numpy():
   lfq = LFQ(num_codes=8, code_dim=3, beta=beta, entropy_weight=weight,
             entropy_temperature=temperature)
   z = np.random.default_rng(4).normal(size=(3, 5, 3)).astype(np.float32)
-  out = _apply(lfq, {}, z)
+  out = _apply(lfq, {}, z, train=True)
   signs = np.where(z > 0, 1.0, -1.0)
   np.testing.assert_array_equal(out.quantized, signs)
   np.testing.assert_array_equal(out.indices, np.sum((z > 0) * np.array([1, 2, 4]), axis=-1))
@@ -222,7 +221,23 @@ def test_lfq_one_bit_entropy_closed_form():
   s = 1.0 / (1.0 + np.exp(-4.0 * z[:, 0].astype(np.float64) / temperature))
   h2 = lambda q: -(q * np.log(q) + (1 - q) * np.log(1 - q))
   expected = np.mean(h2(s)) - h2(np.mean(s))
-  np.testing.assert_allclose(_apply(lfq, {}, z).entropy_loss, expected, rtol=1e-5)
+  np.testing.assert_allclose(_apply(lfq, {}, z, train=True).entropy_loss, expected, rtol=1e-5)
+
+
+def test_lfq_entropy_penalty_only_in_training():
+  # Evaluation and tokenizing (train=False) use only the codes: no O(positions * codes)
+  # penalty is computed, and the loss is the commitment term alone.
+  beta = 0.3
+  lfq = LFQ(num_codes=8, code_dim=3, beta=beta, entropy_weight=0.7, entropy_temperature=0.5)
+  z = np.random.default_rng(4).normal(size=(3, 5, 3)).astype(np.float32)
+  commitment = np.mean((z.astype(np.float64) - np.where(z > 0, 1.0, -1.0)) ** 2)
+  out = _apply(lfq, {}, z, train=False)
+  assert float(out.entropy_loss) == 0.0
+  np.testing.assert_allclose(out.loss, beta * commitment, rtol=1e-5)
+  np.testing.assert_array_equal(out.indices, _apply(lfq, {}, z, train=True).indices)
+  # The penalty's softmax over all codes ([positions, codes]) is absent from the trace.
+  trace = lambda train: str(jax.make_jaxpr(lambda z: lfq.apply({}, z, train=train))(z))
+  assert 'f32[15,8]' in trace(True) and 'f32[15,8]' not in trace(False)
 
 
 def test_lfq_gradients_straight_through_and_finite_with_unused_codes():
@@ -233,7 +248,7 @@ def test_lfq_gradients_straight_through_and_finite_with_unused_codes():
   w = rng.normal(size=(10, 3)).astype(np.float32)
   grad = jax.jit(jax.grad(lambda z: jnp.sum(w * lfq.apply({}, z).quantized)))(z)
   np.testing.assert_array_equal(grad, w)
-  loss_grad = jax.jit(jax.grad(lambda z: lfq.apply({}, z).loss))(z)
+  loss_grad = jax.jit(jax.grad(lambda z: lfq.apply({}, z, train=True).loss))(z)
   chex.assert_tree_all_finite(loss_grad)
   # Commitment gradient alone: 2 beta (z - sign z) / N, with N every element.
   off = LFQ(num_codes=8, code_dim=3, entropy_weight=0.0)
@@ -293,10 +308,12 @@ def _pmap_vs_single(single, sharded, z):
   n = jax.local_device_count()
   assert n >= 2, f'need >= 2 local devices for the pmap test, found {n}; see tests/conftest.py'
   variables = _init(single, z)
-  reference = _apply(single, variables, z)
+  # train=True: the entropy penalty is a training term (no statistics change here).
+  reference = _apply(single, variables, z, train=True)
   shards = z.reshape((n, -1) + z.shape[1:])
   replicated = jax.tree.map(lambda x: jnp.broadcast_to(x, (n,) + x.shape), variables)
-  per_device = jax.pmap(lambda v, x: sharded.apply(v, x), axis_name='batch')(replicated, shards)
+  per_device = jax.pmap(lambda v, x: sharded.apply(v, x, train=True),
+                        axis_name='batch')(replicated, shards)
   return n, variables, reference, per_device, shards
 
 
@@ -327,10 +344,11 @@ def test_lfq_pmean_gradient_equals_single_device_gradient():
                           entropy_temperature=0.5, axis_name=axis)
   z = np.random.default_rng(9).normal(size=(8, 4)).astype(np.float32)
   n, variables, _, _, shards = _pmap_vs_single(make(None), make('batch'), z)
-  single_grad = jax.jit(jax.grad(lambda v: make(None).apply(v, z).loss))(variables)
+  single_grad = jax.jit(jax.grad(lambda v: make(None).apply(v, z, train=True).loss))(variables)
 
   def device_grad(v, x):
-    return jax.lax.pmean(jax.grad(lambda v: make('batch').apply(v, x).loss)(v), 'batch')
+    return jax.lax.pmean(jax.grad(lambda v: make('batch').apply(v, x, train=True).loss)(v),
+                         'batch')
 
   replicated = jax.tree.map(lambda x: jnp.broadcast_to(x, (n,) + x.shape), variables)
   pmapped = jax.pmap(device_grad, axis_name='batch')(replicated, shards)

@@ -21,8 +21,8 @@ import numpy as np
 import pytest
 
 from vq.runtime import distributed
+from vq.runtime import loop
 
-from vq.training import trainer
 
 _WORKER = pathlib.Path(__file__).with_name('multiprocess_worker.py')
 _TIMEOUT_S = 240
@@ -137,7 +137,7 @@ def test_stop_signal_on_one_process_stops_both_at_the_same_step(tmp_path):
   p0, p1 = _load(tmp_path / 'process0.npz'), _load(tmp_path / 'process1.npz')
   last = max(int(k.split('/')[0][4:]) for k in p0)
   assert last == max(int(k.split('/')[0][4:]) for k in p1)
-  assert last < 2000 and last % trainer.PREEMPTION_SYNC_EVERY == 0
+  assert last < 2000 and last % loop.PREEMPTION_SYNC_EVERY == 0
   for key in (k for k in p0 if k.startswith(f'step{last}/')):
     np.testing.assert_array_equal(p0[key], p1[key], err_msg=key)
   assert 'another process' in procs[0][1].read_text()

@@ -3,12 +3,17 @@
 import json
 import pathlib
 
+import functools
+
 import chex
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 import pytest
 
+from experiments import vqgan_cifar
 from experiments import vqvae_cifar
 from vq.config import builders
 from vq import data
@@ -50,17 +55,74 @@ def test_pmapped_step_equals_single_device_step_on_concatenated_batch(kind):
   assert int(parallel.to_host(multi).step) == 3
 
 
-def test_step_reduces_loss_and_codebook_moves():
-  config = _smoke(**{'train.learning_rate': 1e-3})
-  rng = np.random.default_rng(0)
-  images = rng.uniform(-1, 1, (8, 32, 32, 3)).astype(np.float32)
-  state, hist = _run_steps(config, jax.local_devices()[:1], [images] * 8)
-  assert hist[-1]['loss'] < hist[0]['loss']
-  host = parallel.to_host(state)
-  fresh = ts.create_train_state(config, ts.init_key(0), (32, 32, 3))
-  assert not np.allclose(host.vq_stats['quantizer']['codebook'],
-                         fresh.vq_stats['quantizer']['codebook'])
-  chex.assert_tree_all_finite(host.params)
+def test_step_gradient_equals_hand_written_vqvae_loss_with_beta_on_commitment():
+  """One SGD step of the gradient-learned VQ equals -lr * grad of van den Oord's loss.
+
+  L = recon_weight * mean((x_hat - x)^2) + mean((sg(z_e) - e)^2) + beta * mean((z_e - sg(e))^2)
+  with e the nearest code and x_hat decoded from the straight-through z_e + sg(e - z_e).
+  Beta on the codebook term instead would scale the codebook's gradient by beta and the
+  encoder's commitment gradient by 1 / beta.
+  """
+  config = _smoke(**{'quantizer.kind': 'vq', 'quantizer.init': 'random',
+                     'quantizer.restart_after': 0, 'quantizer.beta': 0.25})
+  assert config.loss.recon == 'l2'
+  lr = 0.5
+  state = ts.create_train_state(config, ts.init_key(0), (32, 32, 3))
+  tx = optax.sgd(lr)
+  state = state.replace(tx=tx, opt_state=tx.init(state.params))
+  images = np.random.default_rng(0).uniform(-1, 1, (8, 32, 32, 3)).astype(np.float32)
+  new, _ = _run_steps(config, jax.local_devices()[:1], [images], state)
+  update = jax.tree.map(lambda n, o: (o - n) / lr, parallel.to_host(new).params, state.params)
+
+  model = builders.build_tokenizer(config)
+  sg = jax.lax.stop_gradient
+
+  def loss(params):
+    variables = {'params': params}
+    z_e = model.apply(variables, images, method=lambda m, x: m.encoder(x)).astype(jnp.float32)
+    z = z_e.reshape(-1, z_e.shape[-1])
+    codebook = params['quantizer']['codebook']
+    nearest = jnp.argmin(jnp.sum((sg(z)[:, None, :] - sg(codebook)[None]) ** 2, -1), axis=1)
+    e = codebook[nearest]
+    z_q = (z + sg(e - z)).reshape(z_e.shape)
+    recon = model.apply(variables, z_q, method=lambda m, v: m.decoder(v))
+    return (config.loss.recon_weight * jnp.mean((recon - images) ** 2)
+            + jnp.mean((sg(z) - e) ** 2) + 0.25 * jnp.mean((z - sg(e)) ** 2))
+
+  expected = jax.jit(jax.grad(loss))(state.params)
+  assert np.abs(np.asarray(expected['quantizer']['codebook'])).max() > 0
+  chex.assert_trees_all_close(update, expected, rtol=2e-3, atol=1e-6)
+
+
+@pytest.mark.parametrize('objective', ['vqvae', 'vqgan'])
+def test_step_passes_only_rng_streams_that_some_module_reads(objective, monkeypatch):
+  """Every rng stream the step hands to `apply` is read by a module (`make_rng`)."""
+  if objective == 'vqvae':
+    config = _smoke(**{'quantizer.kind': 'vq', 'quantizer.restart_after': 1})
+  else:
+    config = vqgan_cifar.get_config('smoke')
+    config.loss.perceptual_weight = 0.0
+  # Shapes are all tracing needs: no initialiser has to compile or run.
+  state = jax.eval_shape(lambda: ts.create_train_state(config, ts.init_key(0), (32, 32, 3)))
+  passed, read = set(), set()
+  real_apply, real_make_rng = nn.Module.apply, nn.Module.make_rng
+
+  def apply(self, *args, rngs=None, **kwargs):
+    passed.update(rngs or {})
+    return real_apply(self, *args, rngs=rngs, **kwargs)
+
+  def make_rng(self, name='params'):
+    read.add(name)
+    return real_make_rng(self, name)
+
+  monkeypatch.setattr(nn.Module, 'apply', apply)
+  monkeypatch.setattr(nn.Module, 'make_rng', make_rng)
+  step = functools.partial(steps.train_step, settings=steps.StepSettings.from_config(config))
+  # Tracing is enough: every apply and make_rng call happens while the step is traced.
+  jax.make_jaxpr(step, axis_env=[('batch', 2)])(
+      state, {'image': np.zeros((4, 32, 32, 3), np.float32)}, jax.random.PRNGKey(0))
+  assert 'codebook' in read  # the upkeep's stream (k-means and restarts)
+  assert passed <= read, f'streams passed but never read: {passed - read}'
 
 
 def test_rng_is_per_step_and_per_device():

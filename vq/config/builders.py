@@ -9,6 +9,8 @@ Usage sketch::
 
 from __future__ import annotations
 
+from typing import Any
+
 import flax.linen as nn
 import jax.numpy as jnp
 import ml_collections
@@ -68,8 +70,11 @@ def build_quantizer(q: ml_collections.ConfigDict, axis_name: str | None = None) 
         num_codes=q.num_codes, code_dim=q.code_dim, beta=q.beta, decay=q.decay,
         epsilon=q.epsilon, axis_name=axis_name, **codebook_options)
   if q.kind == 'vq':
+    # .get: configs saved before beta_on existed weigh the commitment term.
     return quantizers.VectorQuantizer(num_codes=q.num_codes, code_dim=q.code_dim, beta=q.beta,
-                                      axis_name=axis_name, **codebook_options)
+                                      axis_name=axis_name,
+                                      beta_on=q.get('beta_on', 'commitment'),
+                                      **codebook_options)
   if q.kind == 'fsq':
     from vq.quantizers import scalar as scalar_quantizers  # pylint: disable=g-import-not-at-top
     return scalar_quantizers.FSQ(levels=tuple(q.fsq_levels), code_dim=q.code_dim,
@@ -83,7 +88,7 @@ def build_quantizer(q: ml_collections.ConfigDict, axis_name: str | None = None) 
     from vq.quantizers import residual as residual_vq  # pylint: disable=g-import-not-at-top
     return residual_vq.ResidualVQ(num_codes=q.num_codes, code_dim=q.code_dim, depth=q.rvq_depth,
                                   base='ema', beta=q.beta, decay=q.decay, epsilon=q.epsilon,
-                                  axis_name=axis_name)
+                                  axis_name=axis_name, gradient=q.gradient)
   raise ValueError(f"config.quantizer.kind={q.kind!r} is unknown; choose one of 'ema', 'vq', "
                    "'fsq', 'lfq', 'rvq'.")
 
@@ -115,15 +120,19 @@ def learning_rate_schedule(lr: float, train: ml_collections.ConfigDict) -> optax
 
 
 def build_optimizer(train: ml_collections.ConfigDict, *, learning_rate: float | None = None,
-                    b1: float | None = None, b2: float | None = None
-                    ) -> optax.GradientTransformation:
-  """Adam(W) with the schedule above and optional global-norm clipping."""
+                    b1: float | None = None, b2: float | None = None,
+                    decay_mask: Any = None) -> optax.GradientTransformation:
+  """Adam(W) with the schedule above and optional global-norm clipping.
+
+  `decay_mask` (a pytree of bools like the params, or a function of the params giving one)
+  limits weight decay to some parameters; None decays all of them.
+  """
   lr = learning_rate_schedule(train.learning_rate if learning_rate is None else learning_rate,
                               train)
   b1 = train.b1 if b1 is None else b1
   b2 = train.b2 if b2 is None else b2
   if train.weight_decay > 0:
-    opt = optax.adamw(lr, b1=b1, b2=b2, weight_decay=train.weight_decay)
+    opt = optax.adamw(lr, b1=b1, b2=b2, weight_decay=train.weight_decay, mask=decay_mask)
   else:
     opt = optax.adam(lr, b1=b1, b2=b2)
   if train.grad_clip > 0:

@@ -7,13 +7,14 @@ Usage sketch::
   # Model outputs live in [-1, 1]; score them on the uint8 grid a PNG would store.
   x = metrics.to_pixel_range(batch_images)     # [N, H, W, C] float32 in {0, 1, ..., 255}
   y = metrics.to_pixel_range(reconstructions)
-  per_image_psnr = metrics.psnr(x, y)          # [N]
+  per_image_psnr = metrics.psnr(x, y)          # [N], at most MAX_PSNR = 100 dB
   per_image_ssim = metrics.ssim(x, y)          # [N], equals skimage's default SSIM
   ppl = metrics.perplexity(code_counts)        # scalar, in [1, K]
   used = metrics.codebook_usage(code_counts)   # scalar, in [0, 1]
 
 Every function works on whole batches with static shapes, so it can be called inside
-`jax.jit` or `jax.pmap`; reduce the per-image results (and mask padding) in the caller.
+`jax.jit` or `jax.pmap`; reduce the per-image results (and mask padding) in the caller, with
+`jnp.where(mask, value, 0)` rather than `value * mask`, so no padding row's value can leak in.
 """
 
 from typing import Tuple
@@ -25,6 +26,8 @@ import jax.numpy as jnp
 SSIM_WIN_SIZE = 7
 SSIM_K1 = 0.01
 SSIM_K2 = 0.03
+# PSNR of identical images (MSE 0) and the cap of every PSNR, in dB (x264's convention).
+MAX_PSNR = 100.0
 
 
 def _check_image_pair(a: jax.Array, b: jax.Array, name: str) -> Tuple[jax.Array, jax.Array]:
@@ -74,25 +77,33 @@ def mse(a: jax.Array, b: jax.Array) -> jax.Array:
   return jnp.mean(jnp.square(a - b), axis=(1, 2, 3))
 
 
-def psnr(a: jax.Array, b: jax.Array, *, data_range: float = 255.0) -> jax.Array:
-  """Peak signal-to-noise ratio per image: `10 * log10(data_range**2 / mse)`.
+def psnr(a: jax.Array, b: jax.Array, *, data_range: float = 255.0,
+         max_psnr: float = MAX_PSNR) -> jax.Array:
+  """Peak signal-to-noise ratio per image: `min(10 * log10(data_range**2 / mse), max_psnr)`.
 
   The MSE is averaged over H, W and C of each image (one number per image, no averaging of
-  per-channel PSNRs); this equals `skimage.metrics.peak_signal_noise_ratio(a[i], b[i],
-  data_range=data_range)`. Identical images have MSE 0 and give `+inf`; the value is not
-  capped, so callers averaging over a data set must decide how to treat infinities.
+  per-channel PSNRs); below the cap this equals `skimage.metrics.peak_signal_noise_ratio(a[i],
+  b[i], data_range=data_range)`. Identical images (MSE 0), where skimage gives `+inf`, give
+  `max_psnr` (100 dB by default, the value x264 reports for identical frames), so a mean over
+  a data set stays finite and JSON-writable. Values above the cap are clipped to it too, so
+  the result never decreases as the MSE falls; on uint8 images (`data_range=255`) an image
+  with a single value off by one reaches the cap from about 154,000 values (227x227x3).
 
   Args:
     a: images [N, H, W, C] on a scale whose full range is `data_range`, for instance the
       output of `to_pixel_range` with the default `data_range=255`.
     b: images of the same shape as `a`.
     data_range: the difference between the largest and smallest possible pixel value.
+    max_psnr: the cap in dB, and the value for identical images.
 
   Returns:
-    float32 [N], in dB.
+    float32 [N], in dB, at most `max_psnr`.
   """
   err = mse(a, b)
-  return 10.0 * jnp.log10(jnp.float32(data_range) ** 2 / err)
+  exact = err <= 0.0
+  # The inner where keeps log10 away from a division by zero (and its gradient finite).
+  value = 10.0 * jnp.log10(jnp.float32(data_range) ** 2 / jnp.where(exact, 1.0, err))
+  return jnp.where(exact, jnp.float32(max_psnr), jnp.minimum(value, jnp.float32(max_psnr)))
 
 
 def _box_mean_valid(x: jax.Array, size: int) -> jax.Array:

@@ -54,7 +54,7 @@ def to_uint8(images_float):
   return xp.clip(x, 0, 255).astype(np.uint8)
 
 
-def _check_layout(global_batch_size: int, num_local_devices: int, process_index: int,
+def check_layout(global_batch_size: int, num_local_devices: int, process_index: int,
                   process_count: int) -> int:
   """Validates the batch layout and returns the per-process batch size."""
   for field, value in (('global_batch_size', global_batch_size),
@@ -115,7 +115,7 @@ def train_batches(source: ImageSource, *, global_batch_size: int, num_local_devi
   Raises:
     ValueError: a batch layout that does not divide, or B larger than the dataset.
   """
-  per_process = _check_layout(global_batch_size, num_local_devices, process_index,
+  per_process = check_layout(global_batch_size, num_local_devices, process_index,
                               process_count)
   n = len(source)
   if global_batch_size > n:
@@ -128,22 +128,31 @@ def train_batches(source: ImageSource, *, global_batch_size: int, num_local_devi
     raise ValueError(f'start_step must be a non-negative int; saw {start_step!r}.')
   num_threads = default_num_threads() if num_threads is None else num_threads
   _check_threads(prefetch, num_threads)
-  lo = process_index * per_process
-
-  def plans():
-    steps_per_epoch = n // global_batch_size
-    epoch, order = None, None
-    step = start_step
-    while True:
-      e, pos = divmod(step, steps_per_epoch)
-      if e != epoch:
-        epoch, order = e, np.random.default_rng((seed, e)).permutation(n)
-      begin = pos * global_batch_size + lo
-      yield order[begin:begin + per_process]
-      step += 1
-
-  return _load_batches(source, plans(), per_process, num_local_devices, prefetch=prefetch,
+  plans = train_plan(n, global_batch_size, seed=seed, start_step=start_step,
+                     process_index=process_index, per_process=per_process)
+  return _load_batches(source, plans, per_process, num_local_devices, prefetch=prefetch,
                        num_threads=num_threads, with_mask=False)
+
+
+def train_plan(n: int, global_batch_size: int, *, seed: int, start_step: int,
+               process_index: int, per_process: int) -> Iterator[np.ndarray]:
+  """Example indices of this process's rows at steps start_step, start_step + 1, ...
+
+  The order `train_batches` documents: epoch e visits `default_rng((seed, e)).permutation(n)`
+  in global batches, the last n % B dropped; process p takes rows [p * b, (p + 1) * b).
+  Every data pipeline that must resume exactly (images, token grids) draws from it.
+  """
+  steps_per_epoch = n // global_batch_size
+  lo = process_index * per_process
+  epoch, order = None, None
+  step = start_step
+  while True:
+    e, pos = divmod(step, steps_per_epoch)
+    if e != epoch:
+      epoch, order = e, np.random.default_rng((seed, e)).permutation(n)
+    begin = pos * global_batch_size + lo
+    yield order[begin:begin + per_process]
+    step += 1
 
 
 def num_eval_batches(num_examples: int, global_batch_size: int) -> int:
@@ -178,7 +187,7 @@ def eval_batches(source: ImageSource, *, global_batch_size: int, num_local_devic
   Raises:
     ValueError: a batch layout that does not divide.
   """
-  per_process = _check_layout(global_batch_size, num_local_devices, process_index,
+  per_process = check_layout(global_batch_size, num_local_devices, process_index,
                               process_count)
   n = len(source)
   lo = process_index * per_process

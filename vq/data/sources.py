@@ -59,6 +59,14 @@ class ImageSource:
     image, label = self._get_many([i])[0]
     return {'image': image, 'label': np.int32(label)}
 
+  def get_many(self, indices: Sequence[int]) -> tuple[np.ndarray, np.ndarray]:
+    """(uint8 images [n, H, W, 3], int32 labels [n]) of valid, non-negative `indices`."""
+    pairs = self._get_many([operator.index(i) for i in indices])
+    if not pairs:
+      return np.zeros((0,) + self.image_shape, np.uint8), np.zeros((0,), np.int32)
+    return (np.stack([image for image, _ in pairs]),
+            np.asarray([label for _, label in pairs], np.int32))
+
   def __repr__(self) -> str:
     return (f'{type(self).__name__}({self.description}, n={len(self)}, '
             f'image_shape={self.image_shape}, num_classes={self.num_classes})')

@@ -9,10 +9,11 @@ Usage sketch::
 Conventions (so numbers can be quoted; `EVALUATOR` names them in every result):
 - Reconstructions are quantised exactly like a saved uint8 PNG
   (`metrics.to_pixel_range`), and originals are the dataset's uint8 pixels.
-- PSNR: per image, 10 log10(255^2 / MSE) with the MSE over H, W, C, then averaged over
-  images. SSIM: scikit-image's `structural_similarity(channel_axis=-1, data_range=255)`
-  defaults (7x7 uniform window, K1 0.01, K2 0.03, sample covariance), per image, averaged.
-  MSE: per image on the [0, 255] scale, averaged. LPIPS: VGG16 LPIPS v0.1 on [-1, 1].
+- PSNR: per image, 10 log10(255^2 / MSE) with the MSE over H, W, C, capped at 100 dB
+  (`metrics.MAX_PSNR`, also the value of an exact reconstruction, so the mean stays finite),
+  then averaged over images. SSIM: scikit-image's `structural_similarity(channel_axis=-1,
+  data_range=255)` defaults (7x7 uniform window, K1 0.01, K2 0.03, sample covariance), per
+  image, averaged. MSE: per image on the [0, 255] scale, averaged. LPIPS: VGG16 LPIPS v0.1 on [-1, 1].
 - fd_vgg: Fréchet distance (`vq.evaluation.fid`, float64) between the originals' and the reconstructions'
   VGG16 relu5_3 activations, average-pooled over space (`LPIPS.pooled_features`, 512-d); the
   same VGG pass as LPIPS, so it comes with `eval.lpips`.
@@ -66,7 +67,8 @@ from vq.runtime import state as ts
 
 AXIS = parallel.AXIS
 EVALUATOR_VERSION = references.EVALUATOR_VERSION
-EVALUATOR = (f'{EVALUATOR_VERSION}: psnr/ssim/mse on uint8 pixels, ssim skimage-default; '
+EVALUATOR = (f'{EVALUATOR_VERSION}: psnr/ssim/mse on uint8 pixels, psnr capped at '
+             f'{metrics.MAX_PSNR:g} dB (mse 0), ssim skimage-default; '
              'lpips vgg16 v0.1; fd_vgg vgg16 relu5_3 avgpool float64; rfid pytorch-fid '
              'inception pool3 bilinear-299; probe softmax l-bfgs on avg-pooled z_q')
 FEATURE_VGG = 'vgg16_relu5_3_avgpool'
@@ -112,7 +114,7 @@ def make_eval_step(config: ml_collections.ConfigDict, *, with_lpips: bool,
     lpips_module = lpips.LPIPS()
 
   def eval_step(params, vq_stats, lpips_params, batch):
-    images, mask = batch['image'], batch['mask'].astype(jnp.float32)
+    images, mask = batch['image'], batch['mask']
     recon, q = model.apply({'params': params, 'vq_stats': vq_stats}, images)
     x, y = metrics.to_pixel_range(images), metrics.to_pixel_range(recon)
     per_image = {'psnr': metrics.psnr(x, y), 'ssim': metrics.ssim(x, y),
@@ -127,7 +129,9 @@ def make_eval_step(config: ml_collections.ConfigDict, *, with_lpips: bool,
     if probe_grid is not None:
       rows['probe'] = _pool_latents(q.quantized, probe_grid)
       rows['label'] = batch['label']
-    sums = {k: jnp.sum(v * mask) for k, v in per_image.items()}
+    # where, not a product: a padding row's value may be inf or NaN, and inf * 0 is NaN.
+    sums = {k: jnp.sum(jnp.where(mask, v, 0.0)) for k, v in per_image.items()}
+    mask = mask.astype(jnp.float32)
     sums['num_examples'] = jnp.sum(mask)
     # Residual VQ: level l's code k counts as entry l * vocab + k (as in QuantizerOutput.counts).
     flat = q.indices.reshape(mask.shape[0], -1, depth) + vocab * jnp.arange(depth)

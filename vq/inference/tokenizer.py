@@ -341,17 +341,18 @@ def reconstruct_dataset(tok: Tokenizer, spec: str, out_dir: PathLike, *, max_ima
   source = data.take(_open(tok, spec, data_dir), max_images)
   originals = np.stack([source[i]['image'] for i in range(len(source))])
   recons = tok.reconstruct(originals)
-  per_image = np.asarray(metrics.psnr(originals.astype(np.float32),
-                                      recons.astype(np.float32)), np.float64)
-  finite = np.isfinite(per_image)
+  x, y = originals.astype(np.float32), recons.astype(np.float32)
+  per_image = np.asarray(metrics.psnr(x, y), np.float64)
+  # psnr caps an exact reconstruction at metrics.MAX_PSNR; this record marks it null instead.
+  inexact = np.asarray(metrics.mse(x, y)) > 0
   record = {
       'dataset': spec,
       'step': tok.step,
       'config_hash': tok.config_hash,
       'num_images': int(len(per_image)),
-      'num_exact': int(np.sum(~finite)),
-      'psnr': float(np.mean(per_image[finite])) if finite.any() else None,
-      'psnr_per_image': [float(p) if np.isfinite(p) else None for p in per_image],
+      'num_exact': int(np.sum(~inexact)),
+      'psnr': float(np.mean(per_image[inexact])) if inexact.any() else None,
+      'psnr_per_image': [float(p) if f else None for p, f in zip(per_image, inexact)],
   }
   out_dir = pathlib.Path(out_dir)
   out_dir.mkdir(parents=True, exist_ok=True)

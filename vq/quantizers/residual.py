@@ -17,8 +17,17 @@ Each level is an existing `VectorQuantizer` or `EMAVectorQuantizer` and keeps it
 losses on its own residual: level l's commitment term `||r_l - sg(e_l)||^2` reaches the
 encoder through r_l (the codes subtracted above it are constants), and for base 'vq' its
 codebook term trains e_l. `loss`, `codebook_loss`, `commitment_loss` and `entropy_loss`
-are the sums over levels. The decoder gets `z_e + sg(sum_l e_l - z_e)`: one
-straight-through patch on the total.
+are the sums over levels.
+
+The decoder's input has forward value `sum_l e_l`. Its gradient follows the greedy recursion
+with each level's quantization replaced by its surrogate: `q_l = Q_l(s_l)`, `s_0 = z_e`,
+`s_{l+1} = s_l - q_l`, decoder input `sum_l q_l = z_e - s_depth`, so
+`d z_q / d z_e = I - (I - J_{depth-1}) ... (I - J_0)` with `J_l` the Jacobian of level l's
+surrogate. With `gradient='ste'` every `J_l = I` and this is the identity: one
+straight-through patch on the total, `z_e + sg(sum_l e_l - z_e)`, which is how it is
+computed. With `gradient='rotation'`, `J_l = lambda_l R_l` of the rotation trick
+(`base.rotate_to`) taking s_l onto e_l; at depth 1 this is the single quantizer's rotation.
+The losses above keep their residuals r_l with constant codes either way.
 """
 
 from __future__ import annotations
@@ -31,8 +40,10 @@ import jax.numpy as jnp
 
 from vq.core import metrics
 from vq.quantizers.vector import EMAVectorQuantizer
+from vq.quantizers.base import GRADIENTS
 from vq.quantizers.base import QuantizerOutput
 from vq.quantizers.base import TokenSpace
+from vq.quantizers.base import rotate_to
 from vq.quantizers.vector import VectorQuantizer
 
 BASES = {'ema': EMAVectorQuantizer, 'vq': VectorQuantizer}
@@ -54,6 +65,8 @@ class ResidualVQ(TokenSpace, nn.Module):
     decay: EMA decay (base 'ema').
     epsilon: Laplace smoothing of the EMA counts (base 'ema').
     axis_name: pmap axis over which counts and EMA statistics are summed, or None.
+    gradient: 'ste' (straight-through on the total) or 'rotation' (the rotation trick at
+      every level, composed as in the module docstring).
   """
   num_codes: int
   code_dim: int
@@ -63,8 +76,12 @@ class ResidualVQ(TokenSpace, nn.Module):
   decay: float = 0.99
   epsilon: float = 1e-5
   axis_name: Optional[str] = None
+  gradient: str = 'ste'
 
   def __post_init__(self):
+    if self.gradient not in GRADIENTS:
+      raise ValueError(f'ResidualVQ gradient={self.gradient!r} is unknown; choose one of '
+                       f'{GRADIENTS}.')
     if self.base not in BASES:
       raise ValueError(f'ResidualVQ base={self.base!r} is unknown; choose one of '
                        f'{sorted(BASES)}.')
@@ -100,7 +117,11 @@ class ResidualVQ(TokenSpace, nn.Module):
       outs.append(out)
     counts = jnp.concatenate([o.counts for o in outs])
     summed = lambda name: sum(getattr(o, name) for o in outs)
-    quantized = z_e + jax.lax.stop_gradient(total.astype(z_e.dtype) - z_e)
+    if self.gradient == 'rotation':
+      surrogate = self._rotated(z_e.astype(jnp.float32), [o.quantized for o in outs])
+      quantized = (surrogate + jax.lax.stop_gradient(total - surrogate)).astype(z_e.dtype)
+    else:
+      quantized = z_e + jax.lax.stop_gradient(total.astype(z_e.dtype) - z_e)
     return QuantizerOutput(
         quantized=quantized,
         indices=jnp.stack([o.indices for o in outs], axis=-1),
@@ -110,6 +131,16 @@ class ResidualVQ(TokenSpace, nn.Module):
         perplexity=metrics.perplexity(counts),
         counts=counts,
         entropy_loss=summed('entropy_loss'))
+
+  @staticmethod
+  def _rotated(z_e: jax.Array, codes: list[jax.Array]) -> jax.Array:
+    """sum_l q_l with q_l = rotate_to(s_l, e_l), s_{l+1} = s_l - q_l (module docstring)."""
+    s, out = z_e, jnp.zeros_like(z_e)
+    for code in codes:
+      q = rotate_to(s, jax.lax.stop_gradient(code.astype(jnp.float32)))
+      out = out + q
+      s = s - q
+    return out
 
   def _check_indices(self, indices: jax.Array) -> None:
     if indices.ndim < 1 or indices.shape[-1] != self.depth:

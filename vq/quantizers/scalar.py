@@ -8,7 +8,7 @@ Usage sketch::
   z_q = fsq.apply(variables, out.indices, method='lookup')  # [..., 64]
 
   lfq = LFQ(num_codes=1024, code_dim=64, entropy_weight=0.1)  # 10 bits/token
-  out = lfq.apply(lfq.init(rng, z_e), z_e)                  # out.loss has the entropy term
+  out = lfq.apply(lfq.init(rng, z_e), z_e, train=True)      # out.loss has the entropy term
 
 Both fix their code set in advance, so no code can die and nothing is kept in `vq_stats`:
 
@@ -199,7 +199,9 @@ class LFQ(_Projected):
   the batch spreads over many codes. With an axis name both means run over the positions
   of every device (psums of sums and counts), so the value equals the single-device value
   on the concatenated batch and is the same on every device. It costs
-  O(positions * num_codes) memory and is skipped (zero) when entropy_weight is 0.
+  O(positions * num_codes) memory and is skipped (zero, and left out of `loss`) when
+  entropy_weight is 0 or outside training (`train=False`: evaluation, tokenizing), where
+  only the codes are used.
 
   `loss = beta * commitment + entropy_weight * entropy_loss`, commitment being
   `mean ||z - sg(code)||^2` over this device's positions (after the projection in);
@@ -272,12 +274,12 @@ class LFQ(_Projected):
     return codes, self.codes_to_indices(jax.lax.stop_gradient(codes))
 
   def __call__(self, z_e: jax.Array, *, train: bool = False) -> QuantizerOutput:
-    del train  # no statistics to update
+    """Quantizes z_e; with `train=False` the entropy penalty is not computed (zero)."""
     check_code_dim(z_e, self.code_dim, type(self).__name__)
     z = self._to_grid(z_e)
     codes, indices = self._quantize(z)
     commitment = jnp.mean(jnp.square(z - jax.lax.stop_gradient(codes)))
-    if self.entropy_weight:
+    if self.entropy_weight and train:
       entropy = self._entropy_loss(z)
     else:
       entropy = jnp.zeros((), jnp.float32)

@@ -15,7 +15,7 @@ PRNG stream and the data position are derived. `meta` is a small JSON record.
 from __future__ import annotations
 
 import pathlib
-from typing import Any
+from typing import Any, Callable
 
 from absl import logging
 import jax
@@ -83,13 +83,29 @@ def incompatible_fields(saved: dict[str, Any], current: dict[str, Any]) -> list[
 
 
 class Checkpointer:
-  """A thin wrapper over `ocp.CheckpointManager` for `TrainState`."""
+  """A thin wrapper over `ocp.CheckpointManager` for a state dataclass.
 
-  def __init__(self, directory: str | pathlib.Path, *, keep: int = 3):
+  By default the state is the tokenizer's `TrainState`; another state (a token prior's)
+  passes its own `to_tree` (state -> nested dict of arrays to save) and `from_tree`
+  (target state, restored dict -> state).
+  """
+
+  def __init__(self, directory: str | pathlib.Path, *, keep: int = 3,
+               to_tree: Callable[[Any], dict] = ts.checkpointable,
+               from_tree: Callable[[Any, dict], Any] = ts.restore_from,
+               incompatible: Callable[[dict, dict], list[str]] | None = None):
     self.directory = pathlib.Path(directory).absolute()
+    self._keep = keep
+    self._to_tree, self._from_tree = to_tree, from_tree
+    self._incompatible = incompatible or incompatible_fields
     self._manager = ocp.CheckpointManager(
         self.directory,
         options=ocp.CheckpointManagerOptions(max_to_keep=keep, create=True))
+
+  def reopened(self) -> Checkpointer:
+    """A new manager over the same directory and settings (after it was moved aside)."""
+    return Checkpointer(self.directory, keep=self._keep, to_tree=self._to_tree,
+                        from_tree=self._from_tree, incompatible=self._incompatible)
 
   def latest_step(self) -> int | None:
     return self._manager.latest_step()
@@ -97,22 +113,23 @@ class Checkpointer:
   def all_steps(self) -> list[int]:
     return list(self._manager.all_steps())
 
-  def save(self, step: int, state: ts.TrainState, meta: dict[str, Any] | None = None,
+  def save(self, step: int, state: Any, meta: dict[str, Any] | None = None,
            *, force: bool = False) -> bool:
     """Saves `state` (unreplicated) at `step`; returns whether a save happened."""
-    tree = jax.device_get(ts.checkpointable(state))
+    tree = jax.device_get(self._to_tree(state))
     return self._manager.save(
         step, args=ocp.args.Composite(state=ocp.args.StandardSave(tree),
                                       meta=ocp.args.JsonSave(meta or {})), force=force)
 
-  def restore(self, step: int, target: ts.TrainState) -> tuple[ts.TrainState, dict]:
+  def restore(self, step: int, target: Any) -> tuple[Any, dict]:
     """Restores `step` into the structure of `target`.
 
     State fields in `FRESH_IF_ABSENT` that a checkpoint predates keep `target`'s values
     (so checkpoints written before such a field existed still resume).
     """
-    tree = jax.device_get(ts.checkpointable(target))
-    absent = [k for k in FRESH_IF_ABSENT if k not in self._saved_fields(step, tree)]
+    tree = jax.device_get(self._to_tree(target))
+    absent = [k for k in FRESH_IF_ABSENT
+              if k in tree and k not in self._saved_fields(step, tree)]
     abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct,
                             {k: v for k, v in tree.items() if k not in absent})
     restored = self._manager.restore(
@@ -122,7 +139,7 @@ class Checkpointer:
     for k in absent:
       logging.info('Checkpoint at step %d predates %s; starting it fresh.', step, k)
       state[k] = tree[k]
-    return ts.restore_from(target, state), dict(restored['meta'] or {})
+    return self._from_tree(target, state), dict(restored['meta'] or {})
 
   def _saved_fields(self, step: int, default: dict[str, Any]) -> set[str]:
     """Top-level state fields stored at `step` (those of `default` if unreadable)."""
@@ -136,8 +153,8 @@ class Checkpointer:
     restored = self._manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))
     return dict(restored['meta'] or {})
 
-  def restore_or_init(self, fresh: ts.TrainState, config: dict[str, Any] | None = None
-                      ) -> tuple[ts.TrainState, int]:
+  def restore_or_init(self, fresh: Any, config: dict[str, Any] | None = None
+                      ) -> tuple[Any, int]:
     """The newest usable checkpoint, else `fresh`; returns (state, step).
 
     A checkpoint that cannot be read (truncated, corrupt) is skipped with a warning and
@@ -154,7 +171,7 @@ class Checkpointer:
       try:
         meta = self.read_meta(step)
         if config is not None and 'config' in meta:
-          diff = incompatible_fields(meta['config'], config)
+          diff = self._incompatible(meta['config'], config)
           if diff:
             raise IncompatibleCheckpoint(
                 f'the checkpoint at step {step} in {self.directory} was made with a different '

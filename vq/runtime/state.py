@@ -8,6 +8,15 @@ Usage sketch::
 
 `frozen` holds pretrained weights the loss uses (LPIPS); they are restored from their
 package, never from checkpoints, so they are left out of `checkpointable`.
+
+With `train.ema_decay > 0`, evaluation and inference use `eval_params` = `ema_params`:
+an EMA of the encoder, decoder and projection weights, paired with the live codebook.
+A codebook is never EMA-averaged, whatever the quantizer: 'ema' and 'rvq' keep theirs in
+`vq_stats` (itself an average of encoder outputs), 'vq' keeps its rows in
+`params['quantizer']['codebook']`, and `update_ema_params` copies those rows into
+`ema_params` instead of averaging them, after the step's codebook upkeep, so rows
+rewritten by k-means or dead-code restarts are the rows evaluated. FSQ and LFQ have no
+codebook (their projections are ordinary, averaged weights).
 """
 
 from __future__ import annotations
@@ -37,7 +46,8 @@ class TrainState:
     opt_state: tokenizer optimizer state.
     disc_params: discriminator parameters ({} for VQ-VAE).
     disc_opt_state: discriminator optimizer state ({} for VQ-VAE).
-    ema_params: EMA of `params` ({} when `train.ema_decay` is 0).
+    ema_params: EMA of `params` ({} when `train.ema_decay` is 0), except that codebook
+      rows are copies of the live ones (`update_ema_params`).
     gan_stats: running statistics of the GAN losses (LeCAM anchors).
     code_usage: per-code usage tracking (`vq.quantizers.usage`): the step each code was last
       chosen and an EMA of usage frequencies; drives restarts and the usage metrics.
@@ -77,13 +87,26 @@ def init_key(seed: int) -> jax.Array:
 
 def create_train_state(config: ml_collections.ConfigDict, rng: jax.Array,
                        image_shape: tuple[int, int, int],
-                       lpips_params: PyTree | None = None) -> TrainState:
-  """Fresh state for `config` (on the default device, not replicated)."""
+                       lpips_params: PyTree | None = None,
+                       variables: PyTree | None = None) -> TrainState:
+  """Fresh state for `config` (on the default device, not replicated).
+
+  Args:
+    config: the experiment config.
+    rng: key for the initial weights.
+    image_shape: (H, W, 3) of one training image.
+    lpips_params: the frozen LPIPS weights (needed by the vqgan objective with LPIPS).
+    variables: tokenizer variables ({'params', 'vq_stats'?}) to start from instead of
+      initialising them, e.g. weights converted from another framework (`vq.convert`);
+      the caller checks they have the structure and shapes `model.init` gives. The
+      optimizer and discriminator states are fresh either way.
+  """
   model = builders.build_tokenizer(config)
   dummy = jnp.zeros((1,) + tuple(image_shape), jnp.float32)
   gen_rng, disc_rng = jax.random.split(rng)
-  # Jitted: eager init dispatches (and compiles) every op separately, ~10x slower.
-  variables = jax.jit(model.init)({'params': gen_rng}, dummy)
+  if variables is None:
+    # Jitted: eager init dispatches (and compiles) every op separately, ~10x slower.
+    variables = jax.jit(model.init)({'params': gen_rng}, dummy)
   params = variables['params']
   vq_stats = variables.get('vq_stats', {})
   tx = builders.build_optimizer(config.train)
@@ -123,6 +146,32 @@ def restore_from(state: TrainState, tree: dict) -> TrainState:
   return flax.serialization.from_state_dict(state, full)
 
 
+def is_codebook(path: tuple) -> bool:
+  """Whether a `params` leaf (by its key path) holds codebook rows.
+
+  A learned codebook is a leaf named 'codebook' under 'quantizer' (`VectorQuantizer`,
+  and each `levels_i` of a residual VQ on that base).
+  """
+  keys = [getattr(k, 'key', None) for k in path]
+  return bool(keys) and keys[-1] == 'codebook' and 'quantizer' in keys
+
+
+def update_ema_params(ema_params: PyTree, params: PyTree, decay: float) -> PyTree:
+  """decay * ema + (1 - decay) * params for every weight; codebook rows are copied.
+
+  The codebook is never averaged (module docstring): it must stay the codebook the
+  encoder's outputs are looked up in, restarted rows included, and an average of a row
+  before and after a restart is neither.
+  """
+  return jax.tree_util.tree_map_with_path(
+      lambda path, e, p: p if is_codebook(path) else decay * e + (1.0 - decay) * p,
+      ema_params, params)
+
+
 def eval_params(state: TrainState) -> PyTree:
-  """Weights used for evaluation: the EMA weights when they are kept."""
+  """Weights for evaluation and inference, to pair with `state.vq_stats`.
+
+  The EMA weights when they are kept (their codebook rows are the live ones, see the
+  module docstring), else `params`.
+  """
   return state.ema_params if state.ema_params else state.params

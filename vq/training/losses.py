@@ -280,8 +280,9 @@ def adaptive_generator_weight(rec_grads: Any, gen_grads: Any, *,
   Returns `||rec_grads|| / (||gen_grads|| + eps)` clipped to `[0, max_weight]`
   with gradients stopped, where `||.||` is the global L2 norm over the pytree.
   Both pytrees are the gradients of the respective losses with respect to the
-  decoder's last layer parameters; multiply the generator loss by the result
-  (and by the user's discriminator weight).
+  kernel of the decoder's last layer (taming's `last_layer`, the
+  `decoder.conv_out.weight` tensor alone, without its bias); multiply the
+  generator loss by the result (and by the user's discriminator weight).
 
   Args:
     rec_grads: Pytree of gradients of the reconstruction (+ perceptual) loss.

@@ -12,8 +12,10 @@ are averaged (or summed) over it here, so the same function serves 1 or many dev
 The VQ-GAN step does one forward pass of the generator and one of the discriminator on
 the reconstruction, and pulls each back twice with `jax.vjp`: the discriminator's
 pullback gives the generator its adversarial gradient and the discriminator its own;
-taming's adaptive weight uses gradients at the decoder's last layer, obtained by
-re-applying only that layer to its sown input (no second backward through the decoder).
+taming's adaptive weight uses gradients w.r.t. the kernel of the decoder's last layer
+(taming's `last_layer = decoder.conv_out.weight`; the bias is left out, as there),
+obtained by re-applying only that layer to its sown input (no second backward through
+the decoder).
 """
 
 from __future__ import annotations
@@ -113,45 +115,72 @@ def _codebook_metrics(s: StepSettings, q, usage) -> Metrics:
 UPKEEP_ROWS_PER_DEVICE = 4096
 
 
+def upkeep_needed(dead: jax.Array, kmeans_now: jax.Array) -> jax.Array:
+  """Whether this step rewrites any code: some code is dead, or k-means runs now."""
+  return jnp.logical_or(jnp.any(dead), kmeans_now)
+
+
+def _maintain(s: StepSettings, state: ts.TrainState, lookup_input: jax.Array,
+              dead: jax.Array, kmeans_now: jax.Array, rng: jax.Array
+              ) -> tuple[ts.TrainState, jax.Array]:
+  """Gathers encoder rows from every device and rewrites dead codes (or all, k-means).
+
+  Returns the state with the new codebook (and reset statistics / Adam moments of the
+  rewritten rows) and the bool [K] mask of rewritten rows.
+  """
+  z = lookup_input.reshape(-1, lookup_input.shape[-1])
+  if z.shape[0] > UPKEEP_ROWS_PER_DEVICE:
+    pick = jax.random.choice(jax.random.fold_in(step_rng(rng, state.step), 1), z.shape[0],
+                             (UPKEEP_ROWS_PER_DEVICE,), replace=False)
+    z = z[pick]
+  z = jax.lax.all_gather(z, AXIS, tiled=True)
+  changed, variables = s.model.apply(
+      {'params': state.params, 'vq_stats': state.vq_stats}, z, dead, kmeans_now,
+      method=lambda m, *a: m.quantizer.maintain(*a), mutable=['params', 'vq_stats'],
+      rngs={'codebook': shared_step_rng(rng, state.step)})
+  params = variables['params']
+  # Adam moments of rewritten rows of a gradient-learned codebook start again from zero.
+  opt_state = state.opt_state
+  if 'codebook' in state.params.get('quantizer', {}):
+    mask = jax.tree.map(lambda x: jnp.zeros((), bool), state.params)
+    mask['quantizer']['codebook'] = changed[:, None]
+    opt_state = optax.tree_utils.tree_map_params(
+        state.tx, lambda x, m: jnp.where(m, jnp.zeros_like(x), x), opt_state, mask,
+        transform_non_params=lambda x: x)
+  state = state.replace(params=params, vq_stats=variables.get('vq_stats', state.vq_stats),
+                        opt_state=opt_state)
+  return state, changed
+
+
 def _codebook_upkeep(s: StepSettings, state: ts.TrainState, q, mutated: dict,
                      rng: jax.Array) -> tuple[ts.TrainState, Metrics]:
   """Usage tracking, then k-means initialisation and dead-code restarts.
 
-  Runs after the optimizer and EMA updates of this step, so that codes replaced here keep
-  their reset statistics. Every device gathers the same rows and uses the same key, so all
-  codebooks stay identical.
+  Runs after the optimizer update and the quantizer's own statistics update of this step,
+  so that codes replaced here keep their reset statistics, and before the weights' EMA
+  (`_update_ema`), so that it copies the rewritten codebook. Every device gathers the same
+  rows and uses the same key, so all codebooks stay identical.
+
+  The gather of up to `UPKEEP_ROWS_PER_DEVICE` rows from every device onto every device
+  (devices * 4096 * dim floats) and the rewrite run under a `lax.cond`, only on steps
+  that rewrite a code (`upkeep_needed`); on the others they would leave the state
+  unchanged, so skipping them changes no result. `dead` and `kmeans_now` come from
+  replicated values, so every device takes the same branch (collectives inside agree).
   """
   done = state.step + 1
   usage = codebook_usage.update(state.code_usage, q.counts, done)
   restarted = jnp.zeros((), jnp.float32)
   if s.maintain:
-    z = mutated['intermediates']['quantizer']['lookup_input'][0]
-    z = z.reshape(-1, z.shape[-1])
-    if z.shape[0] > UPKEEP_ROWS_PER_DEVICE:
-      pick = jax.random.choice(jax.random.fold_in(step_rng(rng, state.step), 1), z.shape[0],
-                               (UPKEEP_ROWS_PER_DEVICE,), replace=False)
-      z = z[pick]
-    z = jax.lax.all_gather(z, AXIS, tiled=True)
     if s.restart_after > 0:
       dead = codebook_usage.dead_mask(usage, done, s.restart_after)
     else:
       dead = jnp.zeros((s.usage_size,), bool)
     kmeans_now = jnp.logical_and(s.kmeans_init, state.step == 0)
-    changed, variables = s.model.apply(
-        {'params': state.params, 'vq_stats': state.vq_stats}, z, dead, kmeans_now,
-        method=lambda m, *a: m.quantizer.maintain(*a), mutable=['params', 'vq_stats'],
-        rngs={'codebook': shared_step_rng(rng, state.step)})
-    params = variables['params']
-    # Adam moments of rewritten rows of a gradient-learned codebook start again from zero.
-    opt_state = state.opt_state
-    if 'codebook' in state.params.get('quantizer', {}):
-      mask = jax.tree.map(lambda x: jnp.zeros((), bool), state.params)
-      mask['quantizer']['codebook'] = changed[:, None]
-      opt_state = optax.tree_utils.tree_map_params(
-          state.tx, lambda x, m: jnp.where(m, jnp.zeros_like(x), x), opt_state, mask,
-          transform_non_params=lambda x: x)
-    state = state.replace(params=params, vq_stats=variables.get('vq_stats', state.vq_stats),
-                          opt_state=opt_state)
+    lookup_input = mutated['intermediates']['quantizer']['lookup_input'][0]
+    state, changed = jax.lax.cond(
+        upkeep_needed(dead, kmeans_now),
+        lambda st: _maintain(s, st, lookup_input, dead, kmeans_now, rng),
+        lambda st: (st, jnp.zeros_like(dead)), state)
     usage = codebook_usage.mark_restarted(usage, changed, done)
     restarted = jnp.sum(changed).astype(jnp.float32)
   # Dead: not chosen in the last `restart_after` steps (or the usage window without restarts).
@@ -169,14 +198,17 @@ def _apply_generator_update(s: StepSettings, state: ts.TrainState, grads, new_vq
   grads = jax.lax.pmean(grads, AXIS)
   updates, opt_state = state.tx.update(grads, state.opt_state, state.params)
   params = optax.apply_updates(state.params, updates)
-  ema_params = state.ema_params
-  if s.ema_decay > 0:
-    ema_params = jax.tree.map(lambda e, p: s.ema_decay * e + (1.0 - s.ema_decay) * p,
-                              state.ema_params, params)
-  state = state.replace(params=params, opt_state=opt_state, vq_stats=new_vq_stats,
-                        ema_params=ema_params)
+  state = state.replace(params=params, opt_state=opt_state, vq_stats=new_vq_stats)
   return state, {'grad_norm': optax.global_norm(grads),
                  'param_norm': optax.global_norm(params)}
+
+
+def _update_ema(s: StepSettings, state: ts.TrainState) -> ts.TrainState:
+  """The weights' EMA, after codebook upkeep (`ts.update_ema_params`: codebooks copied)."""
+  if s.ema_decay <= 0:
+    return state
+  return state.replace(
+      ema_params=ts.update_ema_params(state.ema_params, state.params, s.ema_decay))
 
 
 def vqvae_step(state: ts.TrainState, batch: dict, rng: jax.Array, *, settings: StepSettings
@@ -184,19 +216,19 @@ def vqvae_step(state: ts.TrainState, batch: dict, rng: jax.Array, *, settings: S
   """Reconstruction + codebook + commitment loss; one Adam step."""
   s = settings
   images = batch['image']
-  base_rng, rng = rng, step_rng(rng, state.step)
 
   def loss_fn(params):
     (recon, q), mutated = s.model.apply(
         {'params': params, 'vq_stats': state.vq_stats}, images, train=True,
-        mutable=['vq_stats', 'intermediates'], rngs={'quantizer': rng})
+        mutable=['vq_stats', 'intermediates'])
     rec = _reconstruction(s, recon, images)
     loss = s.recon_weight * rec + q.loss
     return loss, (rec, q, mutated)
 
   (loss, (rec, q, mutated)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
   new_state, norms = _apply_generator_update(s, state, grads, mutated.get('vq_stats', {}))
-  new_state, usage = _codebook_upkeep(s, new_state, q, mutated, base_rng)
+  new_state, usage = _codebook_upkeep(s, new_state, q, mutated, rng)
+  new_state = _update_ema(s, new_state)
   metrics = {'loss': loss, 'recon_loss': rec, **_codebook_metrics(s, q, usage), **norms,
              'learning_rate': s.lr_schedule(state.step)}
   metrics = jax.lax.pmean(metrics, AXIS)
@@ -210,12 +242,11 @@ def vqgan_step(state: ts.TrainState, batch: dict, rng: jax.Array, *, settings: S
   s = settings
   images = batch['image']
   step = state.step
-  base_rng, rng = rng, step_rng(rng, step)
 
   def generator(params):
     (recon, q), mutated = s.model.apply(
         {'params': params, 'vq_stats': state.vq_stats}, images, train=True,
-        mutable=['vq_stats', 'intermediates'], rngs={'quantizer': rng})
+        mutable=['vq_stats', 'intermediates'])
     return (recon, q.loss), (q, mutated)
 
   (recon, q_loss), gen_vjp, (q, mutated) = jax.vjp(generator, state.params, has_aux=True)
@@ -239,12 +270,15 @@ def vqgan_step(state: ts.TrainState, batch: dict, rng: jax.Array, *, settings: S
       lambda l: jnp.mean(losses.generator_loss(l, kind=s.gan_loss)))(fake_logits)
   _, g_adv = fake_vjp(g_cot)
 
-  # taming's adaptive weight from gradients at the decoder's last layer, averaged over
-  # devices so every device (and a 1-device run on the same global batch) agrees.
+  # taming's adaptive weight from gradients w.r.t. its `last_layer`, the decoder's
+  # `conv_out.weight` (the kernel, not the bias), averaged over devices so every device
+  # (and a 1-device run on the same global batch) agrees.
   if s.adaptive_weight:
     h = mutated['intermediates']['decoder']['conv_out_input'][0]
-    last = lambda p: s.output_layer.apply({'params': p}, h).astype(jnp.float32)
-    _, last_vjp = jax.vjp(last, state.params['decoder']['conv_out'])
+    conv_out = state.params['decoder']['conv_out']
+    last = lambda k: s.output_layer.apply({'params': {**conv_out, 'kernel': k}}, h
+                                          ).astype(jnp.float32)
+    _, last_vjp = jax.vjp(last, conv_out['kernel'])
     rec_last = jax.lax.pmean(last_vjp(g_rec)[0], AXIS)
     adv_last = jax.lax.pmean(last_vjp(g_adv)[0], AXIS)
     d_weight = losses.adaptive_generator_weight(rec_last, adv_last) * s.disc_weight
@@ -255,7 +289,8 @@ def vqgan_step(state: ts.TrainState, batch: dict, rng: jax.Array, *, settings: S
 
   grads, = gen_vjp((g_rec + adv_scale * g_adv, jnp.ones_like(q_loss)))
   new_state, norms = _apply_generator_update(s, state, grads, mutated.get('vq_stats', {}))
-  new_state, usage = _codebook_upkeep(s, new_state, q, mutated, base_rng)
+  new_state, usage = _codebook_upkeep(s, new_state, q, mutated, rng)
+  new_state = _update_ema(s, new_state)
 
   # Discriminator: hinge / non-saturating loss on detached fakes, LeCAM, R1.
   ema_real, ema_fake = state.gan_stats['ema_real_logit'], state.gan_stats['ema_fake_logit']
