@@ -57,14 +57,20 @@ _PROCESS_ID = flags.DEFINE_integer(
     'the launcher in the environment).')
 _CPU_DEVICES = flags.DEFINE_string(
     'cpu_devices', 'auto', "XLA devices of the CPU platform in a single-process run: 'auto' "
-    '(one per core, as many as train.batch_size and eval.batch_size divide evenly over; '
-    'XLA:CPU runs each convolution on about one core, so this is faster) or a number. A '
-    'count set in XLA_FLAGS wins; multi-process runs and GPU/TPU training ignore it.')
+    '(one per core up to 8, as many as train.batch_size and eval.batch_size divide evenly '
+    'over; XLA:CPU runs each convolution on about one core, so this is faster; see '
+    'vq/cpu/devices.py) or a number. A count set in XLA_FLAGS wins; multi-process runs and '
+    'GPU/TPU training ignore it.')
 _HOST_HUGE_PAGES = flags.DEFINE_bool(
-    'host_huge_pages', True, 'Linux/glibc 2.35+ with THP mode madvise: restart once with '
-    'GLIBC_TUNABLES=glibc.malloc.hugetlb=1, so that XLA:CPU\'s per-step scratch buffer is '
-    'faulted in 2 MiB pages (CPU training step 2.46 vs 2.7 s on the taming CIFAR VQ-VAE; see '
-    'vq/cpu/host_memory.py). Only host memory changes; --nohost_huge_pages skips the restart.')
+    'host_huge_pages', True, 'Training on the CPU (Linux, glibc 2.35+, THP mode madvise): '
+    'restart once with GLIBC_TUNABLES=glibc.malloc.hugetlb=1, so that XLA:CPU\'s per-step '
+    'scratch buffer is faulted in 2 MiB pages (CPU training step 2.46 vs 2.7 s on the taming '
+    'CIFAR VQ-VAE; see vq/cpu/host_memory.py). The log says when it restarted; child '
+    'processes do not inherit the setting. --nohost_huge_pages skips the restart.')
+_CPU_FAST_PATHS = flags.DEFINE_bool(
+    'cpu_fast_paths', True, 'XLA:CPU fast paths: native kernels, im2col convolutions, one '
+    'device per core, the huge-page restart (vq/cpu/fast_paths.py). --nocpu_fast_paths (or '
+    'VQ_CPU_FAST_PATHS=0) runs the plain XLA program a GPU/TPU runs, on one CPU device.')
 flags.mark_flags_as_required(['config', 'workdir'])
 
 
@@ -101,24 +107,36 @@ def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f'Unexpected arguments: {argv[1:]}')
   logging.get_absl_handler().addFilter(_QuietLibraries())
+  from vq.cpu import fast_paths  # pylint: disable=g-import-not-at-top
   from vq.cpu import host_memory  # pylint: disable=g-import-not-at-top
-  # Flags parsed, nothing started: the cheapest moment to re-execute (returns if it did not).
-  logging.info('vq: host huge pages (vq/cpu/host_memory.py), no restart: %s',
-               host_memory.restart_with_huge_pages(_HOST_HUGE_PAGES.value))
+  if not _CPU_FAST_PATHS.value:
+    os.environ[fast_paths.ENV] = '0'  # read by vq.cpu wherever a fast path is chosen
+  # Flags parsed, nothing started: the cheapest moment to re-execute (returns if it did not,
+  # and in the restarted process, saying so). Only training restarts.
+  logging.info('vq: host huge pages (vq/cpu/host_memory.py): %s',
+               host_memory.restart_with_huge_pages(_HOST_HUGE_PAGES.value
+                                                   and _MODE.value == 'train'))
   from vq.runtime import distributed  # pylint: disable=g-import-not-at-top
   from vq.cpu import devices as cpu_devices  # pylint: disable=g-import-not-at-top
   try:
     if not distributed.joins_processes(_COORDINATOR.value, _NUM_PROCESSES.value,
                                        _PROCESS_ID.value):  # before JAX starts its backends
-      count = cpu_devices.resolve_cpu_devices(
+      plan = cpu_devices.resolve_plan(
           _CPU_DEVICES.value, [_CONFIG.value.train.batch_size, _CONFIG.value.eval.batch_size])
-      logging.info('vq: the CPU platform shows %d device(s) (used if JAX runs on the CPU)',
-                   cpu_devices.set_cpu_devices(count))
+      logging.info('vq: the CPU platform shows %d device(s) (used if JAX runs on the CPU): %s',
+                   cpu_devices.apply_plan(plan), plan.describe())
+    else:
+      cpu_devices.add_collective_timeouts()
     # Before anything touches a device: joins the other processes of a multi-host job.
     distributed.initialize(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value)
   except ValueError as e:
     print(f'error: {e}', file=sys.stderr)
     sys.exit(2)
+  import jax  # pylint: disable=g-import-not-at-top
+  warning = fast_paths.cpu_fallback_warning(jax.default_backend(),
+                                            fast_paths.accelerator_seen())
+  if warning:
+    logging.warning('%s', warning)
   # Imported here so that `--help` stays fast and flag errors come before JAX starts.
   from vq.runtime import checkpointing  # pylint: disable=g-import-not-at-top
   from vq.config import validation as config_validation  # pylint: disable=g-import-not-at-top

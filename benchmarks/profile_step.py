@@ -26,6 +26,7 @@ import json
 import os
 import re
 import statistics
+import sys
 import tempfile
 import time
 
@@ -104,7 +105,9 @@ def thunk_times(trace_dir: str) -> dict[str, float]:
 def main(argv):
   del argv
   from vq.cpu import host_memory  # pylint: disable=g-import-not-at-top
-  host_memory.restart_with_huge_pages(_HOST_HUGE_PAGES.value)  # as run.py does
+  # As run.py does (re-executes this process, or returns saying why not).
+  print(f'host huge pages: {host_memory.restart_with_huge_pages(_HOST_HUGE_PAGES.value)}',
+        file=sys.stderr)
   from vq.cpu import devices as cpu_devices  # pylint: disable=g-import-not-at-top
   # One CPU device, as run.py would set it up (a count already in XLA_FLAGS wins).
   cpu_devices.set_cpu_devices(1)

@@ -62,7 +62,9 @@ from ml_collections import config_flags
 from benchmarks import flops
 from vq.config import validation as config_validation
 from vq.cpu import devices as cpu_devices
+from vq.cpu import fast_paths
 from vq.cpu import host_memory
+from vq.cpu import native
 from vq.perceptual import lpips
 from vq.runtime import parallel
 from vq.runtime import state as ts
@@ -231,6 +233,8 @@ def _device_fields() -> dict:
       'device_kind': jax.local_devices()[0].device_kind,
       'num_devices': jax.local_device_count(),
       'backend': jax.default_backend(),
+      **({'cpu_native': native.unavailable_reason() or 'on',
+          'cpu_fast_paths': fast_paths.enabled()} if jax.default_backend() == 'cpu' else {}),
   }
 
 
@@ -306,6 +310,16 @@ def interleave(ours, peer, rounds: int, pairs: bool, timer=None):
   return ours_times, peer_times, ours_first_times, peer_first_times
 
 
+def _peer_environ() -> dict[str, str]:
+  """The peer's environment: ours, with our malloc tunables only with --peer_huge_pages."""
+  if _PEER_HUGE_PAGES.value:
+    # After a restart GLIBC_TUNABLES is no longer in os.environ (children do not inherit
+    # it); the peer is given what this process started with.
+    return dict(os.environ, **({'GLIBC_TUNABLES': host_memory.started_tunables()}
+                               if host_memory.started_tunables() else {}))
+  return host_memory.without_tunable(os.environ)
+
+
 def _time_against_peer(config: ml_collections.ConfigDict, overrides: dict) -> dict:
   """Our step and the peer's, built on the same images, timed in interleaved rounds."""
   from benchmarks import peer_taming  # pylint: disable=g-import-not-at-top
@@ -319,8 +333,7 @@ def _time_against_peer(config: ml_collections.ConfigDict, overrides: dict) -> di
   # The peer runs in a process of its own, with its own malloc (see --peer_huge_pages).
   peer = peer_taming.PeerProcess(
       config, images, num_threads=_PEER_THREADS.value, seed=config.seed,
-      environ=(dict(os.environ) if _PEER_HUGE_PAGES.value
-               else host_memory.without_tunable(os.environ)))
+      environ=_peer_environ())
   peer_first_s = _timed(peer.step)
   for _ in range(_WARMUP.value):
     ours()
@@ -353,7 +366,7 @@ def _time_against_peer(config: ml_collections.ConfigDict, overrides: dict) -> di
           'ours_first_of_pair_s': [round(t, 4) for t in ours_first_times],
           'peer_first_of_pair_s': [round(t, 4) for t in peer_first_times]}
          if _PAIRS.value else {}),
-      'host_malloc_tunables': os.environ.get('GLIBC_TUNABLES', ''),
+      'host_malloc_tunables': host_memory.started_tunables(),
       'ours_compile_plus_first_step_s': ours.compile_s,
       'peer_first_step_s': peer_first_s,
       'timed_rounds': len(ours_times),
@@ -367,10 +380,7 @@ def _time_against_peer(config: ml_collections.ConfigDict, overrides: dict) -> di
       'overrides': overrides,
       'loadavg_1m_end': os.getloadavg()[0],
       **_device_fields(),
-      'peer_host_malloc_tunables': (os.environ.get('GLIBC_TUNABLES', '')
-                                    if _PEER_HUGE_PAGES.value else
-                                    host_memory.without_tunable(os.environ).get(
-                                        'GLIBC_TUNABLES', '')),
+      'peer_host_malloc_tunables': _peer_environ().get('GLIBC_TUNABLES', ''),
       **peer.describe(),
   }
 
@@ -396,11 +406,14 @@ def main(argv):
   del argv
   config = _CONFIG.value
   # Before JAX starts its backends, as in run.py (re-executes this process, or returns).
-  host_memory.restart_with_huge_pages(_HOST_HUGE_PAGES.value)
+  print(f'host huge pages: {host_memory.restart_with_huge_pages(_HOST_HUGE_PAGES.value)}',
+        file=sys.stderr)
   # The same choice as run.py's (--per_device_batch scales the batch with the devices).
-  cpu_devices.set_cpu_devices(cpu_devices.resolve_cpu_devices(
+  plan = cpu_devices.resolve_plan(
       _CPU_DEVICES.value,
-      [config.eval.batch_size] + ([] if _PER_DEVICE_BATCH.value else [config.train.batch_size])))
+      [config.eval.batch_size] + ([] if _PER_DEVICE_BATCH.value else [config.train.batch_size]))
+  cpu_devices.apply_plan(plan)
+  print(f'cpu: {plan.describe()}', file=sys.stderr)
   objectives = _OBJECTIVES.value or [config.objective]
   for objective in objectives:
     if objective not in ('vqvae', 'vqgan'):

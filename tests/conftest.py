@@ -11,6 +11,11 @@ if "xla_force_host_platform_device_count" not in _flags:
   os.environ["XLA_FLAGS"] = (
       _flags + f" --xla_force_host_platform_device_count={NUM_TEST_DEVICES}").strip()
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
+# 4 devices on 2 shared cores: a step's collectives may wait for a starved device longer
+# than XLA's default 60 s; vq's limits (vq/cpu/devices.py), as run.py sets them.
+from vq.cpu import devices as _cpu_devices  # pylint: disable=g-import-not-at-top,wrong-import-position
+
+_cpu_devices.add_collective_timeouts()
 # Tests (and the run.py subprocesses they start, which inherit the environment) compile
 # the same smoke steps many times: a persistent compilation cache shares the work.
 os.environ.setdefault(

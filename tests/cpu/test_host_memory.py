@@ -55,15 +55,16 @@ def test_glibc_version_matches_platform():
 
 def test_disabled_does_nothing(monkeypatch):
   monkeypatch.delenv('GLIBC_TUNABLES', raising=False)
-  assert host_memory.restart_with_huge_pages(False) == 'disabled'
+  assert 'disabled' in host_memory.restart_with_huge_pages(False)
   assert 'GLIBC_TUNABLES' not in os.environ
 
 
 # The child records each start, restarts (conditions forced with 'on'), then reports its
-# environment, its arguments and how much of a freshly malloc'ed and touched 64 MiB block is
-# in huge pages (plain malloc through ctypes: numpy would madvise huge pages by itself).
+# environment, what a subprocess of it sees, its arguments and how much of a freshly
+# malloc'ed and touched 64 MiB block is in huge pages (plain malloc through ctypes: numpy
+# would madvise huge pages by itself).
 _CHILD = r'''
-import ctypes, json, os, sys
+import ctypes, json, os, subprocess, sys
 from vq.cpu import host_memory
 with open(sys.argv[1], 'a') as f:
   f.write('start\n')
@@ -81,34 +82,61 @@ libc = ctypes.CDLL(None)
 libc.malloc.restype = ctypes.c_void_p
 block = libc.malloc(64 << 20)
 ctypes.memset(block, 1, 64 << 20)  # every page touched
+child = subprocess.run([sys.executable, '-c', 'import os; print(os.environ.get("GLIBC_TUNABLES", "-"))'],
+                       capture_output=True, text=True, check=True).stdout.strip()
 print(json.dumps({'reason': reason, 'tunables': os.environ.get('GLIBC_TUNABLES', ''),
+                  'started': host_memory.started_tunables(), 'child': child,
                   'argv': sys.argv[1:], 'huge_kb': anon_huge_kb() - before,
-                  'tail': list(ctypes.string_at(block + (64 << 20) - 4, 4))}))
+                  'tail': list(ctypes.string_at(block + (64 << 20) - 4, 4)),
+                  'marker': [k for k in os.environ if k.startswith('VQ_HUGE')]}))
 '''
 
 
-def _run_child(tmp_path, mode):
+def _run_child(tmp_path, mode, **environ):
   starts = tmp_path / f'starts-{mode}'
+  starts.unlink(missing_ok=True)
   env = {k: v for k, v in os.environ.items() if k != 'GLIBC_TUNABLES'}
+  env.update(environ)
   out = subprocess.run([sys.executable, '-c', _CHILD, str(starts), mode, 'x y'], env=env,
                        cwd=_REPO, capture_output=True, text=True, timeout=120, check=True)
   return json.loads(out.stdout.strip().splitlines()[-1]), starts.read_text().count('start')
 
 
 @pytest.mark.skipif(not sys.platform.startswith('linux'), reason='os.execve restart: Linux')
-def test_restart_reexecutes_once_with_the_same_arguments(tmp_path):
+def test_restart_reexecutes_once_says_so_and_keeps_children_clean(tmp_path):
   on, starts_on = _run_child(tmp_path, 'on')
   assert starts_on == 2  # the original start and exactly one restart
-  assert on['tunables'] == 'glibc.malloc.hugetlb=1'
-  assert on['reason'] == 'GLIBC_TUNABLES already sets glibc.malloc.hugetlb'
+  assert on['reason'].startswith('restarted once with GLIBC_TUNABLES=glibc.malloc.hugetlb=1')
+  assert '--nohost_huge_pages' in on['reason']
+  # This process runs with the tunable; its environment and its children do not carry it.
+  assert on['started'] == 'glibc.malloc.hugetlb=1'
+  assert on['tunables'] == '' and on['child'] == '-' and on['marker'] == []
   assert on['argv'][1:] == ['on', 'x y'] and on['tail'] == [1, 1, 1, 1]
   off, starts_off = _run_child(tmp_path, 'off')
-  assert starts_off == 1 and off['reason'] == 'disabled' and off['tunables'] == ''
+  assert starts_off == 1 and 'disabled' in off['reason'] and off['tunables'] == ''
   real = host_memory.restart_reason({}, host_memory.glibc_version(), host_memory.thp_mode())
   if real is None:
     # This machine is one where the restart matters: huge pages only with the tunable.
     assert on['huge_kb'] >= 32 * 1024, on
     assert off['huge_kb'] == 0, off
+
+
+@pytest.mark.skipif(not sys.platform.startswith('linux'), reason='os.execve restart: Linux')
+def test_restart_gives_children_back_the_users_own_tunables(tmp_path):
+  got, starts = _run_child(tmp_path, 'on', GLIBC_TUNABLES='glibc.malloc.arena_max=2')
+  assert starts == 2
+  assert got['started'] == 'glibc.malloc.arena_max=2:glibc.malloc.hugetlb=1'
+  assert got['tunables'] == got['child'] == 'glibc.malloc.arena_max=2'
+
+
+@pytest.mark.parametrize('environ, expected', [
+    ({'VQ_CPU_FAST_PATHS': '0'}, 'VQ_CPU_FAST_PATHS=0'),
+    ({'JAX_PLATFORMS': 'cuda'}, 'JAX will run on cuda'),
+    ({'JAX_PLATFORMS': 'tpu,cpu'}, 'JAX will run on tpu'),
+])
+def test_no_restart_off_the_cpu_or_with_the_fast_paths_off(tmp_path, environ, expected):
+  got, starts = _run_child(tmp_path, 'on', **environ)
+  assert starts == 1 and got['started'] == '' and expected in got['reason'], got
 
 
 def test_without_tunable_takes_out_only_hugetlb():

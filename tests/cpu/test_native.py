@@ -187,30 +187,89 @@ def test_bad_inputs_raise_clear_errors():
   assert native.kernel_grad_supported(jnp.float32, 16, backend='cpu')
 
 
-def test_switched_off_or_unbuildable_falls_back_with_the_reason(monkeypatch, tmp_path):
-  monkeypatch.setattr(native, '_state', {})
-  monkeypatch.setenv(native.ENV_SWITCH, '0')
-  assert native.unavailable_reason() == 'VQ_NATIVE=0'
+@pytest.mark.parametrize('env', [{native.ENV_SWITCH: '0'}, {'VQ_CPU_FAST_PATHS': '0'},
+                                 {'VQ_CPU_FAST_PATHS': 'off'}])
+def test_switched_off_falls_back_with_the_reason(monkeypatch, env):
+  for key, value in env.items():
+    monkeypatch.setenv(key, value)
+  reason = native.unavailable_reason()
+  assert reason == '%s=%s' % next(iter(env.items()))
   assert not native.kernel_grad_supported(jnp.float32, 16, backend='cpu')
-  with pytest.raises(RuntimeError, match='VQ_NATIVE=0'):
+  assert not native.group_norm_supported(jnp.float32, 64, 32, backend='cpu')
+  with pytest.raises(RuntimeError, match=reason):
     native.conv_kernel_grad(jnp.zeros((1, 2, 2, 1)), jnp.zeros((1, 2, 2, 16)), (1, 1))
+  for key in env:
+    monkeypatch.delenv(key)
+  assert native.unavailable_reason() is None  # the switch is read on every use
 
+
+@pytest.mark.parametrize('machine, flags, expected', [
+    ('aarch64', 'fp asimd', 'this CPU is aarch64'),
+    ('arm64', '', 'this CPU is arm64'),
+    ('x86_64', 'fpu sse2 avx2 fma', 'no AVX-512'),
+    ('x86_64', 'fpu avx2 avx512f avx512bw', None),
+    ('AMD64', None, None),   # no /proc/cpuinfo (e.g. macOS): the library's own check decides
+])
+def test_cpu_reason_only_x86_64_with_avx512(machine, flags, expected):
+  cpuinfo = '' if flags is None else f'processor\t: 0\nflags\t\t: {flags}\n\n'
+  reason = native.cpu_reason(machine, cpuinfo)
+  if expected is None:
+    assert reason is None
+  else:
+    assert expected in reason
+
+
+def test_no_compiler_runs_on_a_cpu_without_avx512(monkeypatch, tmp_path):
   monkeypatch.setattr(native, '_state', {})
-  monkeypatch.delenv(native.ENV_SWITCH)
+  monkeypatch.setattr(native, 'cpu_reason', lambda: 'the kernels are x86-64 AVX-512 code '
+                      'and this CPU is aarch64')
+  monkeypatch.setattr(native, '_compiler', lambda: pytest.fail('compiler looked up'))
+  assert 'aarch64' in native.unavailable_reason()
+
+
+def _fake_compiler(tmp_path):
+  """A CXX whose compile runs fail, each counted in the file `runs`."""
+  fake = tmp_path / 'fake-cxx'
+  runs = tmp_path / 'runs'
+  fake.write_text('#!/bin/sh\n[ "$1" = --version ] && echo fake 1.0 && exit 0\n'
+                  f'echo run >> {runs}\necho "fake-cxx: error: cannot compile" >&2\nexit 1\n')
+  fake.chmod(0o755)
+  return fake, runs
+
+
+def test_a_failed_build_is_not_retried_until_its_marker_goes(monkeypatch, tmp_path):
   monkeypatch.setenv('CXX', 'no-such-compiler-vq')
+  monkeypatch.setattr(native, '_state', {})
+  monkeypatch.setattr(native, 'cpu_reason', lambda: None)
   assert 'no C++ compiler' in native.unavailable_reason()
 
-  # A compiler that fails: the reason carries its command and error, nothing is cached.
-  fake = tmp_path / 'fake-cxx'
-  fake.write_text('#!/bin/sh\n[ "$1" = --version ] && echo fake 1.0 && exit 0\n'
-                  'echo "fake-cxx: error: cannot compile" >&2\nexit 1\n')
-  fake.chmod(0o755)
-  monkeypatch.setattr(native, '_state', {})
+  fake, runs = _fake_compiler(tmp_path)
   monkeypatch.setenv('CXX', str(fake))
   monkeypatch.setenv(native.ENV_CACHE, str(tmp_path / 'cache'))
+  monkeypatch.setattr(native, '_state', {})
   reason = native.unavailable_reason()
   assert 'failed' in reason and 'cannot compile' in reason, reason
   assert not list((tmp_path / 'cache').glob('*.so'))
+  markers = list((tmp_path / 'cache').glob('vq_native_*.failed'))
+  assert len(markers) == 1 and 'cannot compile' in markers[0].read_text()
+  assert markers[0].stem == native.library_path(str(fake)).stem  # keyed like the library
+  assert runs.read_text().count('run') == 1
+
+  # A new process (fresh state): straight to XLA, the compiler does not run again.
+  monkeypatch.setattr(native, '_state', {})
+  reason = native.unavailable_reason()
+  assert 'earlier build failed' in reason and str(markers[0]) in reason
+  assert runs.read_text().count('run') == 1
+  # VQ_NATIVE=1 retries; so does deleting the marker.
+  monkeypatch.setattr(native, '_state', {})
+  monkeypatch.setenv(native.ENV_SWITCH, '1')
+  assert 'cannot compile' in native.unavailable_reason()
+  assert runs.read_text().count('run') == 2
+  monkeypatch.delenv(native.ENV_SWITCH)
+  markers[0].unlink()
+  monkeypatch.setattr(native, '_state', {})
+  assert 'cannot compile' in native.unavailable_reason()
+  assert runs.read_text().count('run') == 3
 
 
 def test_library_is_cached_by_source_and_compiler(monkeypatch, tmp_path):

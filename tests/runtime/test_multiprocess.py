@@ -23,7 +23,6 @@ import pytest
 from vq.runtime import distributed
 from vq.runtime import loop
 
-from vq.cpu import devices as cpu_devices
 
 _WORKER = pathlib.Path(__file__).with_name('multiprocess_worker.py')
 _TIMEOUT_S = 240
@@ -187,84 +186,6 @@ def test_initialize_is_a_no_op_for_one_process(monkeypatch):
 def test_initialize_rejects_inconsistent_flags(kwargs, message):
   with pytest.raises(ValueError, match=message):
     distributed.initialize(**kwargs)
-
-
-# --- One XLA device per CPU core ---
-
-
-@pytest.mark.parametrize('batch_sizes, cores, expected', [
-    ([64, 250], 2, 2), ([64, 250], 8, 2), ([64, 256], 8, 8), ([64, 256], 6, 4),
-    ([7], 4, 1), ([16], 1, 1), ([12, 18], 16, 6)])
-def test_cpu_devices_for_is_the_largest_count_dividing_every_batch(batch_sizes, cores,
-                                                                   expected):
-  got = cpu_devices.cpu_devices_for(batch_sizes, cores)
-  assert got == expected
-  # Oracle: brute force over every count up to the cores.
-  assert got == max(d for d in range(1, cores + 1) if not any(b % d for b in batch_sizes))
-
-
-def test_resolve_cpu_devices(monkeypatch):
-  monkeypatch.setattr(cpu_devices, 'available_cores', lambda: 4)
-  assert cpu_devices.resolve_cpu_devices('auto', [64, 250]) == 2
-  assert cpu_devices.resolve_cpu_devices(' 3 ', [64]) == 3
-  with pytest.raises(ValueError, match="neither 'auto' nor a number"):
-    cpu_devices.resolve_cpu_devices('many', [64])
-  with pytest.raises(ValueError, match='must be >= 1'):
-    cpu_devices.resolve_cpu_devices('0', [64])
-
-
-def _device_count_after(xla_flags: str | None, count: int) -> str:
-  env = dict(os.environ)
-  env.pop('XLA_FLAGS', None)
-  if xla_flags is not None:
-    env['XLA_FLAGS'] = xla_flags
-  code = ('from vq.cpu import devices; import jax; n = devices.set_cpu_devices(%d); '
-          'print(n, jax.local_device_count())' % count)
-  out = subprocess.run([sys.executable, '-c', code], env=env, capture_output=True, text=True,
-                       cwd=pathlib.Path(__file__).resolve().parents[2], timeout=120,
-                       check=True)
-  return out.stdout.split()
-
-
-def test_set_cpu_devices_before_jax_starts_and_xla_flags_win():
-  assert _device_count_after(None, 3) == ['3', '3']
-  assert _device_count_after('--xla_force_host_platform_device_count=2', 3) == ['2', '2']
-
-
-@pytest.mark.parametrize('cores, count, existing, single_threaded', [
-    (2, 2, '', True),    # a device per core: Eigen's own threads switched off
-    (4, 2, '', False),   # spare cores: Eigen may use them
-    (2, 2, '--xla_cpu_multi_thread_eigen=true', False),  # the user's choice stays
-])
-def test_set_cpu_devices_turns_off_eigen_threads_only_with_a_device_per_core(
-    monkeypatch, cores, count, existing, single_threaded):
-  monkeypatch.setattr(cpu_devices, 'available_cores', lambda: cores)
-  monkeypatch.setenv('XLA_FLAGS', existing)
-  assert cpu_devices.set_cpu_devices(count) == count
-  flags = os.environ['XLA_FLAGS'].split()
-  assert f'--xla_force_host_platform_device_count={count}' in flags
-  assert ('--xla_cpu_multi_thread_eigen=false' in flags) == single_threaded
-  assert sum(f.startswith('--xla_cpu_multi_thread_eigen') for f in flags) == bool(
-      existing or single_threaded)
-
-
-def test_run_py_auto_cpu_devices_trains_on_one_device_per_core(tmp_path):
-  """run.py splits the smoke batch over the CPU devices 'auto' picks (2 on 2 cores)."""
-  from experiments import vqvae_cifar  # pylint: disable=g-import-not-at-top
-  smoke = vqvae_cifar.get_config('smoke')
-  expected = cpu_devices.cpu_devices_for([smoke.train.batch_size, smoke.eval.batch_size],
-                                         cpu_devices.available_cores())
-  env = dict(os.environ)
-  env.pop('XLA_FLAGS', None)
-  repo = pathlib.Path(__file__).resolve().parents[2]
-  out = subprocess.run(
-      [sys.executable, str(repo / 'run.py'),
-       '--config=experiments/vqvae_cifar.py:smoke', f'--workdir={tmp_path}',
-       '--config.train.num_steps=2', '--config.train.image_every=0'],
-      env=env, capture_output=True, text=True, cwd=repo, timeout=240, check=False)
-  assert out.returncode == 0, out.stderr[-2000:]
-  assert f'CPU platform shows {expected} device(s)' in out.stderr
-  assert f'{expected} local device(s)' in out.stderr
 
 
 @pytest.mark.parametrize('kwargs, env, expected', [

@@ -24,11 +24,21 @@ Training runs its steps back to back; only the first step after an evaluation pa
 
 glibc reads its tunables once, when a program starts, so setting them means re-executing
 the process with `GLIBC_TUNABLES` extended. `restart_with_huge_pages` does that only where
-it changes something: Linux with glibc >= 2.35 (where the tunable exists), the kernel's
-THP mode 'madvise' (with 'always' the kernel already uses huge pages, with 'never' it
-cannot), and no `glibc.malloc.hugetlb` setting already in `GLIBC_TUNABLES` (the user's
-choice, including ours after the restart, wins). On GPU/TPU hosts it only changes host
-memory, where it is harmless.
+it changes something and only where it was asked to:
+- only when called: nothing in vq calls it on import; run.py and the benchmarks call it
+  first thing in `main` (library users, notebooks and tests never restart);
+- only where JAX will run on the CPU (`fast_paths.platform_guess`, decided from the
+  environment, installed plugins and /dev without starting JAX): GPU/TPU hosts never
+  restart, and only while the CPU fast paths are on (`VQ_CPU_FAST_PATHS`);
+- only on Linux with glibc >= 2.35 (where the tunable exists), the kernel's THP mode
+  'madvise' (with 'always' the kernel already uses huge pages, with 'never' it cannot),
+  and no `glibc.malloc.hugetlb` setting already in `GLIBC_TUNABLES` (the user's wins);
+- never silently: the restarted process returns a message saying so, and how to turn it
+  off (`--nohost_huge_pages`), which run.py logs.
+The restarted process takes the tunable back out of `os.environ` (restoring the caller's
+`GLIBC_TUNABLES`, or removing it): glibc has already read it, so this process keeps huge
+pages, while its subprocesses (data workers, compilers, peers) start with the environment
+the user gave, unless the user set the tunable themselves.
 """
 
 from __future__ import annotations
@@ -38,7 +48,14 @@ import re
 import sys
 from typing import Mapping
 
+from vq.cpu import fast_paths
+
 TUNABLE = 'glibc.malloc.hugetlb'
+# Set only in the environment of the restarted process: the caller's GLIBC_TUNABLES
+# ('=' + value) or '' if it had none, so that the restarted process can put it back.
+_MARKER = 'VQ_HUGE_PAGES_RESTARTED'
+OFF_HINT = '--nohost_huge_pages (or VQ_CPU_FAST_PATHS=0) turns this off'
+_started_with: str | None = None  # GLIBC_TUNABLES this process was started with, if restarted
 _THP_ENABLED = '/sys/kernel/mm/transparent_hugepage/enabled'
 
 
@@ -94,26 +111,63 @@ def without_tunable(environ: Mapping[str, str]) -> dict[str, str]:
   return env
 
 
+def started_tunables() -> str:
+  """GLIBC_TUNABLES this process started with (after a restart no longer in os.environ)."""
+  return _started_with if _started_with is not None else os.environ.get('GLIBC_TUNABLES', '')
+
+
+def finish_restart(environ=None) -> str | None:
+  """In the restarted process: restores the caller's GLIBC_TUNABLES in `environ`.
+
+  Returns the tunables this process runs with, or None if this is no restarted process.
+  """
+  global _started_with
+  environ = os.environ if environ is None else environ
+  if _MARKER not in environ:
+    return None
+  saved = environ.pop(_MARKER)
+  _started_with = environ.get('GLIBC_TUNABLES', '')
+  if saved.startswith('='):
+    environ['GLIBC_TUNABLES'] = saved[1:]
+  else:
+    environ.pop('GLIBC_TUNABLES', None)
+  return _started_with
+
+
 def restart_with_huge_pages(enabled: bool = True) -> str:
   """Re-executes this process with huge pages for large mallocs, if that changes anything.
 
   Call it before JAX or any thread starts: the process is replaced (`os.execve`, same
-  interpreter and command line, `sys.orig_argv`) and starts again from the top.
+  interpreter and command line, `sys.orig_argv`) and starts again from the top; there the
+  call returns, says so, and takes the tunable out of `os.environ` again (see the module
+  doc).
 
   Args:
     enabled: False does nothing (run.py's `--nohost_huge_pages`).
 
   Returns:
-    Why it did not restart (it returns only when it does not).
+    One line for the log: that this process was restarted (and how to turn that off), or
+    why it was not (it returns only in those two cases).
   """
+  tunables = finish_restart()
+  if tunables is not None:
+    return (f'restarted once with GLIBC_TUNABLES={tunables} (huge pages for XLA:CPU\'s '
+            f'scratch memory; child processes do not inherit it); {OFF_HINT}')
   if not enabled:
-    return 'disabled'
-  reason = restart_reason(os.environ, glibc_version(), thp_mode())
+    return 'no restart: disabled (--nohost_huge_pages)'
+  reason = fast_paths.off_reason()
+  if reason is None:
+    platform = fast_paths.platform_guess()
+    if platform != 'cpu':
+      reason = f'JAX will run on {platform}, not the CPU'
+  reason = reason or restart_reason(os.environ, glibc_version(), thp_mode())
   if reason:
-    return reason
+    return f'no restart: {reason}'
   if not sys.executable:
-    return 'no interpreter path to re-execute'
+    return 'no restart: no interpreter path to re-execute'
+  env = with_tunable(os.environ)
+  env[_MARKER] = '=' + os.environ['GLIBC_TUNABLES'] if 'GLIBC_TUNABLES' in os.environ else ''
   sys.stdout.flush()
   sys.stderr.flush()
-  # Does not return: the process starts again, and the next call finds the tunable set.
-  os.execve(sys.executable, [sys.executable] + sys.orig_argv[1:], with_tunable(os.environ))
+  # Does not return: the process starts again, and the next call finds the marker.
+  os.execve(sys.executable, [sys.executable] + sys.orig_argv[1:], env)

@@ -30,9 +30,15 @@ natively; each native call also has a JVP written in plain JAX, so second-order 
 The library is compiled once per source / jaxlib / compiler, by the C++ compiler in `$CXX`
 (default `c++`), about 4 s, into `$VQ_NATIVE_CACHE` (default `~/.cache/vq/native`), and
 loaded with ctypes. Nothing is compiled at import time, only when a CPU convolution or
-GroupNorm is first traced. Without a compiler, on a CPU without AVX-512, on GPU/TPU, or
-with `VQ_NATIVE=0`, the `*_supported` functions say False and the XLA paths run (the reason
-is logged once and in `unavailable_reason()`).
+GroupNorm is first traced, and only on x86-64 CPUs with AVX-512 (`/proc/cpuinfo` says
+avx512f; elsewhere, e.g. on ARM, no compiler ever starts). A build that fails leaves a
+marker beside the library (`vq_native_<key>.failed`, the same key, holding the error), so
+later processes on the machine go straight to XLA instead of running the compiler again;
+delete the marker, or set `VQ_NATIVE=1` (retry the build even so), to try again. Without
+a compiler, on a CPU without AVX-512, on GPU/TPU, with `VQ_NATIVE=0` or with
+`VQ_CPU_FAST_PATHS=0` (all CPU fast paths off, see `fast_paths`), the `*_supported`
+functions say False and the XLA paths run. Which path runs, and why, is logged once (one
+INFO line, a WARNING where a build just failed) and kept in `unavailable_reason()`.
 """
 
 from __future__ import annotations
@@ -42,6 +48,7 @@ import functools
 import hashlib
 import os
 import pathlib
+import platform
 import shutil
 import subprocess
 import tempfile
@@ -53,7 +60,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-ENV_SWITCH = 'VQ_NATIVE'          # '0' turns the native kernels off.
+from vq.cpu import fast_paths
+
+ENV_SWITCH = 'VQ_NATIVE'          # '0' turns the native kernels off, '1' retries a failed build.
 ENV_CACHE = 'VQ_NATIVE_CACHE'     # Where the compiled library goes.
 TARGET = 'vq_conv_kernel_grad'
 GROUP_NORM_TARGETS = ('vq_group_norm_fwd', 'vq_group_norm_bwd')
@@ -63,6 +72,7 @@ _FLAGS = ('-O3', '-std=c++17', '-shared', '-fPIC', '-w')
 
 _lock = threading.Lock()
 _state: dict = {}   # 'reason': None once loaded, else why not; 'path': the library.
+_X86_64 = ('x86_64', 'amd64', 'x64')
 
 
 def cache_dir() -> pathlib.Path:
@@ -100,42 +110,113 @@ def build(compiler: str, out: pathlib.Path) -> None:
     os.replace(tmp_out, out)
 
 
-def _load() -> str | None:
-  """Builds (if needed), loads and registers the kernels; returns why not, or None."""
-  if os.environ.get(ENV_SWITCH, '1') == '0':
-    return f'{ENV_SWITCH}=0'
+def cpu_reason(machine: str | None = None, cpuinfo: str | None = None) -> str | None:
+  """Why this CPU cannot run the kernels (x86-64 with AVX-512 only), or None if it can.
+
+  Args:
+    machine: `platform.machine()` (default: this machine's).
+    cpuinfo: the text of /proc/cpuinfo (default: read it; where there is none, e.g. on
+      macOS, the library's own run-time check decides after the build).
+  """
+  machine = (platform.machine() if machine is None else machine).lower()
+  if machine not in _X86_64:
+    return f'the kernels are x86-64 AVX-512 code and this CPU is {machine or "unknown"}'
+  if cpuinfo is None:
+    try:
+      with open('/proc/cpuinfo') as f:
+        cpuinfo = f.read()
+    except OSError:
+      return None
+  flags = next((line.split(':', 1)[1].split() for line in cpuinfo.splitlines()
+                if line.startswith('flags')), None)
+  if flags is not None and 'avx512f' not in flags:
+    return 'this CPU has no AVX-512 (no avx512f in /proc/cpuinfo)'
+  return None
+
+
+def failure_marker(path: pathlib.Path) -> pathlib.Path:
+  """The file that records a failed build of the library at `path` (same cache key)."""
+  return path.with_suffix('.failed')
+
+
+def _load() -> tuple[str | None, bool]:
+  """Builds (if needed), loads and registers the kernels.
+
+  Returns:
+    (why not, or None if loaded; whether a build failed just now).
+  """
+  switch = os.environ.get(ENV_SWITCH, '')
+  reason = cpu_reason()
+  if reason:
+    return reason, False
   compiler = _compiler()
   if compiler is None:
     return (f"no C++ compiler ({os.environ.get('CXX', 'c++')!r} not on PATH); install g++ or "
-            'set CXX')
+            'set CXX', False)
   try:
     path = library_path(compiler)
+    marker = failure_marker(path)
     if not path.exists():
-      build(compiler, path)
+      if marker.exists() and switch != '1':
+        return (f'an earlier build failed (see {marker}); delete that file or set '
+                f'{ENV_SWITCH}=1 to retry', False)
+      try:
+        build(compiler, path)
+      except RuntimeError as e:
+        try:  # later processes skip the compiler until the marker goes
+          marker.write_text(f'{e}\n')
+        except OSError:
+          pass
+        return f'building {", ".join(s.name for s in SOURCES)} failed: {e}', True
+      marker.unlink(missing_ok=True)
     lib = ctypes.cdll.LoadLibrary(str(path))
     if not lib.vq_native_supported():
-      return 'this CPU has no AVX-512'
+      return 'this CPU has no AVX-512', False
     for name, symbol in ((TARGET, lib.VqConvKernelGrad),
                          (GROUP_NORM_TARGETS[0], lib.VqGroupNormFwd),
                          (GROUP_NORM_TARGETS[1], lib.VqGroupNormBwd)):
       jax.ffi.register_ffi_target(name, jax.ffi.pycapsule(symbol), platform='cpu')
   except (OSError, RuntimeError, subprocess.SubprocessError) as e:
-    return f'building or loading {", ".join(s.name for s in SOURCES)} failed: {e}'
+    return f'building or loading {", ".join(s.name for s in SOURCES)} failed: {e}', False
   _state['path'] = path
-  return None
+  return None, False
+
+
+def switched_off() -> str | None:
+  """'VQ_NATIVE=0' or 'VQ_CPU_FAST_PATHS=0' when a switch turns the kernels off, else None.
+
+  Read on every call, so a switch set after the first use holds for everything traced
+  after it (already compiled functions keep the path they were traced with).
+  """
+  if os.environ.get(ENV_SWITCH, '') == '0':
+    return f'{ENV_SWITCH}=0'
+  return fast_paths.off_reason()
+
+
+def _log_once(level, message: str) -> None:
+  logged = _state.setdefault('logged', set())
+  if message not in logged:
+    logged.add(message)
+    level('%s', message)
 
 
 def unavailable_reason() -> str | None:
   """None if the native kernels are loaded (loading them on first call), else the reason."""
   with _lock:
+    off = switched_off()
+    if off:
+      _log_once(logging.info, f'vq.cpu.native: XLA paths run for conv kernel gradients and '
+                f'GroupNorm: {off}')
+      return off
     if 'reason' not in _state:
-      _state['reason'] = _load()
+      _state['reason'], build_failed = _load()
       if _state['reason'] is None:
-        logging.info('vq.cpu.native: %s and %s loaded from %s', TARGET,
-                     ', '.join(GROUP_NORM_TARGETS), _state['path'])
+        _log_once(logging.info, f'vq.cpu.native: native kernels run ({TARGET}, '
+                  f'{", ".join(GROUP_NORM_TARGETS)}) from {_state["path"]}')
       else:
-        logging.warning('vq.cpu.native: conv kernel gradients and GroupNorm stay on XLA: %s',
-                        _state['reason'])
+        _log_once(logging.warning if build_failed else logging.info,
+                  'vq.cpu.native: XLA paths run for conv kernel gradients and GroupNorm: '
+                  f'{_state["reason"]}')
     return _state['reason']
 
 

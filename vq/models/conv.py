@@ -26,7 +26,9 @@ XLA:CPU's convolution runs near its matmul speed for most shapes but collapses o
 15-80x slower than the same work as a matmul; 1x1 convs, unpadded stride-2 convs (taming's
 Downsample) and kernel gradients at 16x16 and up are 1.1-3.8x slower. `impl='auto'` (see
 `select_impl`) routes exactly those shapes around it on CPU and keeps XLA's convolution
-elsewhere, and always on GPU/TPU. `benchmarks/conv_layers.py` measures each per layer.
+elsewhere, and always on GPU/TPU, and on CPU too with `VQ_CPU_FAST_PATHS=0` (the switch
+for every CPU fast path, `vq.cpu.fast_paths`). `benchmarks/conv_layers.py` measures each
+per layer.
 """
 
 from __future__ import annotations
@@ -39,6 +41,7 @@ from flax.linen import dtypes as flax_dtypes
 import jax
 import jax.numpy as jnp
 
+from vq.cpu import fast_paths
 from vq.cpu import native
 
 Array = jax.Array
@@ -78,7 +81,8 @@ def select_impl(impl: str, kernel_shape: Sequence[int], strides: Sequence[int],
   XLA's forward and input gradient and the native kernel gradient: it beat XLA's own on
   every shape measured (batch 32, one core: 3x3 128->128 at 8x8 4.0 vs 5.0 ms, PatchGAN's
   4x4 stride-2 64->128 3.7 vs 4.7 ms and 128->256 13.0 vs 15.3 ms).
-  On GPU/TPU the vendor convolutions are fast, so 'auto' is always 'xla'.
+  On GPU/TPU the vendor convolutions are fast, so 'auto' is always 'xla'; with
+  `VQ_CPU_FAST_PATHS=0` it is 'xla' on CPU too (the program a GPU/TPU runs).
 
   Args:
     impl: 'auto', 'xla', 'im2col' or 'mixed'.
@@ -100,7 +104,7 @@ def select_impl(impl: str, kernel_shape: Sequence[int], strides: Sequence[int],
   if impl != 'auto':
     return impl
   backend = jax.default_backend() if backend is None else backend
-  if backend != 'cpu':
+  if backend != 'cpu' or not fast_paths.enabled():
     return 'xla'
   kh, kw, cin, cout = kernel_shape
   if (kh, kw) == (1, 1) or min(out_hw) <= 3:
