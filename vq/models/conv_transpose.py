@@ -1,0 +1,147 @@
+"""The 4x4 stride-2 transposed convolution of the Sonnet decoder, two ways; a Flax layer.
+
+Usage sketch::
+
+  from vq.models import conv_transpose
+
+  y = conv_transpose.conv_transpose_4x4s2(x, kernel)   # [N, H, W, Cin] -> [N, 2H, 2W, Cout]
+  layer = conv_transpose.ConvTranspose4x4(64)          # params as nn.ConvTranspose(64, (4, 4), (2, 2))
+
+Both implementations compute `nn.ConvTranspose(features, (4, 4), (2, 2), padding='SAME')`
+with its parameters (`kernel` [4, 4, Cin, Cout], `bias`):
+- 'subpixel': one 3x3 'SAME' conv with 4 * Cout outputs, then depth-to-space. Each output
+  parity sees a 2x2 subset of the 4x4 taps over the input's 3x3 neighbourhood; the other
+  5 of 9 taps are zeros, so it does 2.25x the multiply-adds of the transposed conv.
+- 'adjoint': the transposed conv as what it is, the adjoint of the 4x4 stride-2 conv C
+  (pads 1) with the flipped, in/out-swapped kernel K': the forward is C's input gradient
+  (one lhs-dilated XLA convolution), and a custom VJP computes the input gradient as C
+  itself (a strided XLA convolution) and the kernel gradient as C's kernel gradient
+  (`vq.cpu.native`'s kernel where it runs, else XLA's). JAX's own autodiff of the
+  lhs-dilated convolution is what made XLA:CPU slow here (977 vs ~60 ms for a 128->64
+  layer at 8x8, batch 64).
+`impl='auto'` (`select_impl`) picks 'adjoint' on CPU, where it is faster (value and
+gradient, batch 32, one core of the 2-core dev machine, interleaved: 128->64 from 8x8
+28 vs 59 ms, 64->3 from 16x16 2.9 vs 9.6 ms; with VQ_NATIVE=0 47 vs 88 and 7.2 vs 13.4 ms),
+and 'subpixel' elsewhere, where it has not been measured.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from vq.cpu import native
+from vq.models import conv
+
+Dtype = Any
+IMPLS = ('auto', 'subpixel', 'adjoint')
+_DIMENSION_NUMBERS = ('NHWC', 'HWIO', 'NHWC')
+_STRIDES = (2, 2)
+_PADS = ((1, 1), (1, 1))  # C's padding: 4x4 stride 2 from 2H x 2W down to H x W
+# For output parity 0 the taps at input offsets (-1, 0, +1) are (k0, k2, -),
+# for parity 1 they are (-, k1, k3); index 4 points at an appended zero tap.
+_SUBPIXEL_TAPS = ((0, 2, 4), (4, 1, 3))
+
+
+def select_impl(impl: str, backend: str | None = None) -> str:
+  """'subpixel' or 'adjoint' for `impl` ('auto': 'adjoint' on CPU, else 'subpixel')."""
+  if impl not in IMPLS:
+    raise ValueError(f'conv_transpose impl must be one of {IMPLS}, got {impl!r}; use '
+                     "impl='auto' unless you are benchmarking.")
+  if impl != 'auto':
+    return impl
+  backend = jax.default_backend() if backend is None else backend
+  return 'adjoint' if backend == 'cpu' else 'subpixel'
+
+
+def _conv(u: jax.Array, conv_kernel: jax.Array) -> jax.Array:
+  """C: the 4x4 stride-2 conv, [N, 2H, 2W, Cout] -> [N, H, W, Cin] (kernel [4, 4, Cout, Cin])."""
+  return jax.lax.conv_general_dilated(u, conv_kernel, _STRIDES, _PADS,
+                                      dimension_numbers=_DIMENSION_NUMBERS)
+
+
+def _adjoint_value(x: jax.Array, conv_kernel: jax.Array) -> jax.Array:
+  n, h, w, _ = x.shape
+  u = jax.ShapeDtypeStruct((n, 2 * h, 2 * w, conv_kernel.shape[2]), x.dtype)
+  return jax.linear_transpose(lambda v: _conv(v, conv_kernel), u)(x)[0]
+
+
+@jax.custom_vjp
+def _adjoint(x: jax.Array, conv_kernel: jax.Array) -> jax.Array:
+  """C^T x: [N, H, W, Cin] -> [N, 2H, 2W, Cout]."""
+  return _adjoint_value(x, conv_kernel)
+
+
+def _adjoint_fwd(x, conv_kernel):
+  return _adjoint_value(x, conv_kernel), (x, conv_kernel)
+
+
+def _adjoint_bwd(residuals, dy):
+  x, conv_kernel = residuals
+  dy = dy.astype(x.dtype)
+  # y = C^T x is linear in x and in K': d/dx = C(dy); d/dK' = C's kernel gradient at
+  # input dy with output cotangent x.
+  dx = _conv(dy, conv_kernel)
+  if native.kernel_grad_supported(x.dtype, conv_kernel.shape[-1]):
+    dk = native.conv_kernel_grad(dy, x, (4, 4), _STRIDES, (1, 1))
+  else:
+    dk = jax.vjp(lambda k: _conv(dy, k), conv_kernel)[1](x)[0]
+  return dx, dk.astype(conv_kernel.dtype)
+
+
+_adjoint.defvjp(_adjoint_fwd, _adjoint_bwd)
+
+
+def _subpixel(x: jax.Array, kernel: jax.Array) -> jax.Array:
+  cin, cout = kernel.shape[2:]
+  padded = jnp.pad(kernel, ((0, 1), (0, 1), (0, 0), (0, 0)))
+  phases = [padded[jnp.array(ta)][:, jnp.array(tb)]
+            for ta in _SUBPIXEL_TAPS for tb in _SUBPIXEL_TAPS]     # 4 x [3, 3, Cin, Cout]
+  k3 = jnp.stack(phases, axis=3).reshape(3, 3, cin, 4 * cout)
+  y = conv.conv2d(x, k3, padding='SAME')
+  n, h, w, _ = y.shape
+  y = y.reshape(n, h, w, 2, 2, cout).transpose(0, 1, 3, 2, 4, 5)
+  return y.reshape(n, 2 * h, 2 * w, cout)
+
+
+def conv_transpose_4x4s2(x: jax.Array, kernel: jax.Array, *, impl: str = 'auto') -> jax.Array:
+  """`nn.ConvTranspose`'s 4x4 stride-2 'SAME' transposed conv without bias.
+
+  Args:
+    x: [N, H, W, Cin].
+    kernel: [4, 4, Cin, Cout], as nn.ConvTranspose's (not flipped).
+    impl: 'auto', 'subpixel' or 'adjoint' (see the module docstring).
+
+  Returns:
+    [N, 2H, 2W, Cout] in x's dtype.
+  """
+  if x.ndim != 4 or kernel.shape[:2] != (4, 4) or kernel.shape[2] != x.shape[-1]:
+    raise ValueError(f'conv_transpose_4x4s2 takes NHWC x and a [4, 4, Cin, Cout] kernel '
+                     f'with Cin = x channels; got shapes {x.shape} and {kernel.shape}.')
+  impl = select_impl(impl)
+  kernel = kernel.astype(x.dtype)
+  if impl == 'subpixel':
+    return _subpixel(x, kernel)
+  return _adjoint(x, jnp.flip(kernel, (0, 1)).transpose(0, 1, 3, 2))
+
+
+class ConvTranspose4x4(nn.Module):
+  """4x4 stride-2 'SAME' transposed conv: `nn.ConvTranspose(features, (4, 4), (2, 2))`.
+
+  Same parameters (`kernel` [4, 4, Cin, Cout], `bias`) and outputs; computed by
+  `conv_transpose_4x4s2` with `impl`.
+  """
+  features: int
+  dtype: Dtype = jnp.float32
+  impl: str = 'auto'
+
+  @nn.compact
+  def __call__(self, x: jax.Array) -> jax.Array:
+    kernel = self.param('kernel', nn.initializers.lecun_normal(),
+                        (4, 4, x.shape[-1], self.features), jnp.float32)
+    bias = self.param('bias', nn.initializers.zeros, (self.features,), jnp.float32)
+    y = conv_transpose_4x4s2(x.astype(self.dtype), kernel.astype(self.dtype), impl=self.impl)
+    return y + bias.astype(self.dtype)
