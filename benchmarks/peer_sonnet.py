@@ -17,14 +17,13 @@ written in torch.nn, the recipe `experiments/vqvae_cifar.py` follows:
 - encoder: conv 4x4/2 (3->64), ReLU, conv 4x4/2 (64->128), ReLU, conv 3x3 (128->128), a
   residual stack of 2 blocks (ReLU, 3x3 128->32, ReLU, 1x1 32->128, add) then ReLU, and the
   1x1 pre-quantizer conv to 64;
-- quantizer: 512 codes of dim 64, EMA (decay 0.99) of the cluster sizes and sums with Laplace
-  smoothing (epsilon 1e-5), straight-through gradient, commitment 0.25 * ||z_e - sg[e]||^2,
-  perplexity computed as Sonnet does;
+- quantizer: 512 codes of dim 64 (Sonnet's uniform variance-scaling init), debiased EMAs
+  (decay 0.99) of the cluster sizes and sums with Laplace smoothing (epsilon 1e-5),
+  straight-through gradient, commitment 0.25 * ||z_e - sg[e]||^2, perplexity as Sonnet's;
 - decoder: conv 3x3 (64->128), the same residual stack, transposed conv 4x4/2 (128->64),
   ReLU, transposed conv 4x4/2 (64->3);
 - inputs in [-0.5, 0.5]; loss MSE / 0.0627 (the variance of the training pixels) + the
-  commitment term; Adam (config.train.learning_rate, b1, b2); PyTorch's default inits, the
-  codebook and its EMA sums drawn from N(0, 1).
+  commitment term; Adam (config.train.learning_rate, b1, b2); PyTorch's default inits.
 vq's images are in [-1, 1] with its MSE weighted by 1 / 0.2508: the twin halves them, the
 same loss. What vq does and the twin does not, so that ratios against it are conservative:
 k-means initialisation on the first batch, dead-code restarts (`quantizer.restart_after`)
@@ -109,15 +108,20 @@ class _ResidualStack(nn.Module):
 
 
 class _VectorQuantizerEMA(nn.Module):
-  """Sonnet's VectorQuantizerEMA: nearest code by L2, EMA codebook with Laplace smoothing."""
+  """Sonnet 2's VectorQuantizerEMA: nearest code by L2, codebook = debiased EMA of the
+  assigned inputs' sums over their Laplace-smoothed debiased EMA counts."""
 
   def __init__(self, num_codes: int, dim: int, commitment: float, decay: float,
                epsilon: float):
     super().__init__()
     self.commitment, self.decay, self.epsilon = commitment, decay, epsilon
-    self.register_buffer('codebook', torch.randn(num_codes, dim))
+    # Sonnet's VarianceScaling(distribution='uniform') on [dim, num_codes]: fan_in = dim.
+    limit = (3.0 / dim) ** 0.5
+    self.register_buffer('codebook', torch.empty(num_codes, dim).uniform_(-limit, limit))
+    # snt.ExponentialMovingAverage: zero-initialised hidden values, debiased by the step.
     self.register_buffer('ema_cluster_size', torch.zeros(num_codes))
-    self.register_buffer('ema_w', self.codebook.clone())
+    self.register_buffer('ema_w', torch.zeros(num_codes, dim))
+    self.updates = 0
 
   def forward(self, z: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """z: [N, D, H, W] -> (straight-through quantized z, commitment loss, perplexity)."""
@@ -131,12 +135,14 @@ class _VectorQuantizerEMA(nn.Module):
     quantized = (encodings @ w).view_as(z_nhwc)
     if self.training:
       with torch.no_grad():
-        counts = encodings.sum(0)
-        self.ema_cluster_size.mul_(self.decay).add_(counts, alpha=1 - self.decay)
-        n = self.ema_cluster_size.sum()
-        size = (self.ema_cluster_size + self.epsilon) / (n + w.shape[0] * self.epsilon) * n
-        self.ema_w.mul_(self.decay).add_(encodings.t() @ flat, alpha=1 - self.decay)
-        self.codebook.copy_(self.ema_w / size[:, None])
+        self.updates += 1
+        debias = 1.0 - self.decay ** self.updates
+        self.ema_cluster_size.mul_(self.decay).add_(encodings.sum(0), alpha=1 - self.decay)
+        self.ema_w.mul_(self.decay).add_(encodings.t() @ flat.detach(), alpha=1 - self.decay)
+        size = self.ema_cluster_size / debias
+        n = size.sum()
+        size = (size + self.epsilon) / (n + w.shape[0] * self.epsilon) * n
+        self.codebook.copy_(self.ema_w / debias / size[:, None])
     loss = self.commitment * F.mse_loss(z_nhwc, quantized.detach())
     quantized = z_nhwc + (quantized - z_nhwc).detach()
     probs = encodings.mean(0)
