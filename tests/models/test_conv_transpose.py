@@ -11,9 +11,11 @@ from vq.models import conv_transpose
 
 
 # (2, 5, 6, 7): odd sizes and a channel count the native kernel gradient does not take;
-# (2, 4, 3, 16): a multiple of 16 input channels, so 'adjoint' uses it where it runs.
+# (2, 4, 3, 16): a multiple of 16 input channels, so 'adjoint' uses it where it runs;
+# 16 features: 'adjoint' computes its value as four phase convolutions.
 @pytest.mark.parametrize('impl', ['subpixel', 'adjoint'])
-@pytest.mark.parametrize('shape,features', [((2, 5, 6, 7), 3), ((2, 4, 3, 16), 5)])
+@pytest.mark.parametrize('shape,features', [((2, 5, 6, 7), 3), ((2, 4, 3, 16), 5),
+                                            ((2, 3, 4, 5), 16)])
 def test_equals_flax_conv_transpose(impl, shape, features):
   x = jax.random.normal(jax.random.PRNGKey(0), shape)
   layer = conv_transpose.ConvTranspose4x4(features, impl=impl)
