@@ -47,3 +47,19 @@ def test_select_impl():
   assert conv_transpose.select_impl('subpixel', backend='cpu') == 'subpixel'
   with pytest.raises(ValueError, match="impl must be one of"):
     conv_transpose.select_impl('fast')
+
+
+@pytest.mark.parametrize('shape', [(2, 6, 8, 16), (2, 7, 8, 16)])  # 7: odd, XLA's gradient
+def test_strided_conv_input_gradient_equals_xla(shape):
+  from vq.models import conv  # pylint: disable=g-import-not-at-top
+  x = jax.random.normal(jax.random.PRNGKey(0), shape)
+  kernel = jax.random.normal(jax.random.PRNGKey(1), (4, 4, 16, 24))
+  pads = ((1, 1), (1, 1))
+  assert conv_transpose.strided_input_grad_applies(kernel.shape, (2, 2), pads, shape) == (
+      shape[1] % 2 == 0)
+  ours = lambda x: conv.conv2d(x, kernel, strides=(2, 2), padding=pads, impl='mixed')
+  ref = lambda x: jax.lax.conv_general_dilated(x, kernel, (2, 2), pads,
+                                               dimension_numbers=('NHWC', 'HWIO', 'NHWC'))
+  ct = jax.random.normal(jax.random.PRNGKey(2), ref(x).shape)
+  grad = lambda f: jax.grad(lambda x: jnp.sum(f(x) * ct))(x)
+  np.testing.assert_allclose(grad(ours), grad(ref), rtol=1e-4, atol=1e-4)

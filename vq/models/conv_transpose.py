@@ -92,11 +92,28 @@ def _adjoint_value(x: jax.Array, kernel: jax.Array) -> jax.Array:
   rows = []
   for a in (0, 1):
     taps_a = kernel[jnp.array(_PHASE_TAPS[a])]
-    cols = [conv.conv2d(x, taps_a[:, jnp.array(_PHASE_TAPS[b])],
-                        padding=(_PHASE_PADS[a], _PHASE_PADS[b]), impl='xla')
+    cols = [jax.lax.conv_general_dilated(x, taps_a[:, jnp.array(_PHASE_TAPS[b])], (1, 1),
+                                         (_PHASE_PADS[a], _PHASE_PADS[b]),
+                                         dimension_numbers=_DIMENSION_NUMBERS)
             for b in (0, 1)]
     rows.append(jnp.stack(cols, axis=3))                         # [N, H, W, b, C]
   return jnp.stack(rows, axis=2).reshape(n, 2 * h, 2 * w, cout)   # [N, H, a, W, b, C]
+
+
+def strided_input_grad_applies(kernel_shape, strides, pads, x_shape) -> bool:
+  """Whether `strided_input_grad` computes the input gradient of this convolution: 4x4,
+  stride 2, padding 1, even input sides, at least 16 input channels."""
+  return (tuple(kernel_shape[:2]) == (4, 4) and tuple(strides) == _STRIDES
+          and tuple(map(tuple, pads)) == _PADS and x_shape[1] % 2 == 0
+          and x_shape[2] % 2 == 0 and x_shape[3] >= _MIN_PHASE_FEATURES)
+
+
+def strided_input_grad(dy: jax.Array, kernel: jax.Array) -> jax.Array:
+  """The input gradient of the 4x4 stride-2 conv (padding 1) with HWIO `kernel`, given
+  its output cotangent dy [N, H, W, Cout]: [N, 2H, 2W, Cin] (see
+  `strided_input_grad_applies`). It is that conv's adjoint, so the phase convolutions of
+  `_adjoint_value` compute it instead of XLA's lhs-dilated convolution."""
+  return _adjoint_value(dy, _conv_kernel(kernel))
 
 
 @jax.custom_vjp
