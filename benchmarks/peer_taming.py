@@ -55,9 +55,7 @@ Deliberate differences, none of which changes the compute much:
 from __future__ import annotations
 
 import contextlib
-import multiprocessing
 import os
-import resource
 import sys
 import types
 from typing import Any
@@ -65,6 +63,8 @@ from unittest import mock
 
 import ml_collections
 import numpy as np
+
+from benchmarks import peer_process
 
 _INSTALL = ('install them in a separate venv: python3 -m venv /tmp/venv-bench && '
             '/tmp/venv-bench/bin/pip install -r requirements.txt -r requirements-bench.txt && '
@@ -261,6 +261,9 @@ class TamingPeer:
       counts['lpips'] = _count(self.loss.perceptual_loss)
     return counts
 
+  def describe(self) -> dict[str, Any]:
+    return describe()
+
   def step(self) -> dict[str, float]:
     """One train step of `config.objective`; returns its losses as floats."""
     if self.objective == 'vqgan':
@@ -306,36 +309,8 @@ class TamingPeer:
             'd_weight': float(log['train/d_weight']), 'p_loss': float(log['train/p_loss'])}
 
 
-def _serve(conn, config: ml_collections.ConfigDict, images: np.ndarray, num_threads: int,
-           seed: int) -> None:
-  """PeerProcess's child: builds the peer, then runs one step per 'step' message."""
-  peer = TamingPeer(config, images, num_threads=num_threads, seed=seed)
-  conn.send({'num_params': peer.num_params(), 'describe': describe()})
-  while conn.recv() == 'step':
-    conn.send(peer.step())
-  conn.send(_peak_rss_mb())
-
-
-def _peak_rss_mb() -> float:
-  """This process's peak RSS. VmHWM, not ru_maxrss: a spawned child's ru_maxrss keeps the
-  parent's peak from before the exec."""
-  try:
-    with open('/proc/self/status') as f:
-      for line in f:
-        if line.startswith('VmHWM:'):
-          return int(line.split()[1]) / 1024
-  except OSError:
-    pass
-  return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-
-
-class PeerProcess:
-  """`TamingPeer` in a process of its own (multiprocessing 'spawn'), stepped over a pipe.
-
-  Process-wide settings then stay each side's own: the malloc tunables our benchmark
-  restarts with (vq/cpu/host_memory.py) reach the peer only if `environ` keeps them, and the
-  peak RSS of each side is its own. A step's round trip over the pipe adds well under a
-  millisecond to the 2-4 s steps it times.
+class PeerProcess(peer_process.PeerProcess):
+  """`TamingPeer` in a process of its own (benchmarks/peer_process.py).
 
   Args:
     config, images, num_threads, seed: as `TamingPeer`.
@@ -347,48 +322,8 @@ class PeerProcess:
     bad = unsupported_fields(config)
     if bad:  # here, not as a dead child
       raise ValueError(f'--peer=taming cannot mirror {"; ".join(bad)}.')
-    ctx = multiprocessing.get_context('spawn')
-    self._conn, child_conn = ctx.Pipe()
-    self._process = ctx.Process(target=_serve, daemon=True,
-                                args=(child_conn, config, images, num_threads, seed))
-    saved = dict(os.environ)
-    try:  # a spawned child inherits os.environ as it is at start()
-      if environ is not None:
-        os.environ.clear()
-        os.environ.update(environ)
-      self._process.start()
-    finally:
-      os.environ.clear()
-      os.environ.update(saved)
-    child_conn.close()
-    info = self._recv()
-    self._num_params, self._describe = info['num_params'], info['describe']
-
-  def _recv(self):
-    try:
-      return self._conn.recv()
-    except EOFError:
-      self._process.join(timeout=10)
-      raise RuntimeError(f'the peer process exited (code {self._process.exitcode}); its '
-                         'traceback is above on stderr.') from None
-
-  def step(self) -> dict[str, float]:
-    """One train step in the child; returns its losses."""
-    self._conn.send('step')
-    return self._recv()
-
-  def num_params(self) -> dict[str, int]:
-    return self._num_params
-
-  def describe(self) -> dict[str, Any]:
-    return self._describe
-
-  def close(self) -> float:
-    """Stops the child; returns its peak RSS in MB."""
-    self._conn.send('stop')
-    peak_rss_mb = self._recv()
-    self._process.join(timeout=30)
-    return peak_rss_mb
+    super().__init__(TamingPeer, config, images, num_threads=num_threads, seed=seed,
+                     environ=environ)
 
 
 def describe() -> dict[str, Any]:

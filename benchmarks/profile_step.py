@@ -50,7 +50,7 @@ _LPIPS = flags.DEFINE_enum('lpips', 'random', ['random', 'pretrained'],
                            "VQ-GAN's LPIPS weights (the same work either way).")
 
 _CONV_LAYER = re.compile(r'/conv\d?/|/conv_in/|/conv_out/|nin_shortcut|upsample/conv|'
-                         r'downsample|/Conv_\d|/conv\d_\d')
+                         r'downsample|/Conv_\d|/conv\d_\d|/deconv\d/|/res\d+_conv\d/')
 _SKIP = ('ThunkExecutor', '$', 'PjitFunction', 'CommonPjRt', 'ParseArguments', 'end:',
          'while', 'Handle inputs', 'AllocateOutput')
 

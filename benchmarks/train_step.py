@@ -4,6 +4,7 @@ r"""Train-step throughput for a config: one JSON line (per objective).
   python -m benchmarks.train_step --config=experiments/vqgan_cifar.py --config.loss.disc_start=0
   python -m benchmarks.train_step --config=experiments/vqgan_cifar.py --peer=taming \
       --objectives=vqvae,vqgan --steps=5     # needs the bench venv, see peer_taming.py
+  python -m benchmarks.train_step --config=experiments/vqvae_cifar.py --peer=sonnet --steps=30
   python -m benchmarks.train_step --config=experiments/vqvae_cifar.py --parallel=jit
 
 Takes the same config file and overrides as run.py. Times the real train step, mapped over
@@ -23,7 +24,8 @@ per-device rate by the device's peak dense bf16 FLOP/s from `PEAK_BF16_FLOPS` (b
 `device_kind`; unknown kinds, CPUs included, print FLOP/s only).
 
 `--peer=taming` also builds taming-transformers' PyTorch step at the same architecture and
-batch (benchmarks/peer_taming.py), on the same images, in a process of its own with its own
+batch (benchmarks/peer_taming.py), `--peer=sonnet` the PyTorch twin of the Sonnet VQ-VAE
+(benchmarks/peer_sonnet.py), on the same images, in a process of its own with its own
 default malloc (`--peer_huge_pages` gives it ours), and times the two interleaved: each
 round runs two steps of ours, then two of the peer's, so load from other processes hits
 both alike. The medians and the ratio use the second step of each pair, which follows a
@@ -74,8 +76,10 @@ _CONFIG = config_flags.DEFINE_config_file('config', None, 'Experiment config fil
                                           lock_config=True)
 _STEPS = flags.DEFINE_integer('steps', 10, 'Timed steps (with --peer: timed rounds).')
 _WARMUP = flags.DEFINE_integer('warmup', 2, 'Untimed steps (rounds) after the compile step.')
-_PEER = flags.DEFINE_enum('peer', None, ['taming'],
-                          'Also time this peer at the same architecture, interleaved.')
+_PEER = flags.DEFINE_enum('peer', None, ['taming', 'sonnet'],
+                          'Also time this PyTorch peer at the same architecture, interleaved: '
+                          "'taming' (taming-transformers' modules, benchmarks/peer_taming.py) "
+                          "or 'sonnet' (the Sonnet VQ-VAE's twin, benchmarks/peer_sonnet.py).")
 _PEER_THREADS = flags.DEFINE_integer('peer_threads', 2, 'torch intra-op threads of the peer.')
 _PARALLEL = flags.DEFINE_enum(
     'parallel', None, list(parallel.KINDS),
@@ -320,18 +324,28 @@ def _peer_environ() -> dict[str, str]:
   return host_memory.without_tunable(os.environ)
 
 
+def _peer_module(name: str):
+  """The peer's module (imported only with --peer: it needs PyTorch)."""
+  # pylint: disable=g-import-not-at-top
+  if name == 'sonnet':
+    from benchmarks import peer_sonnet
+    return peer_sonnet
+  from benchmarks import peer_taming
+  return peer_taming
+
+
 def _time_against_peer(config: ml_collections.ConfigDict, overrides: dict) -> dict:
   """Our step and the peer's, built on the same images, timed in interleaved rounds."""
-  from benchmarks import peer_taming  # pylint: disable=g-import-not-at-top
-  bad = peer_taming.unsupported_fields(config)
+  peer_module = _peer_module(_PEER.value)
+  bad = peer_module.unsupported_fields(config)
   if bad:  # before the long compile of our step
-    raise app.UsageError(f'--peer=taming cannot mirror {"; ".join(bad)}.')
+    raise app.UsageError(f'--peer={_PEER.value} cannot mirror {"; ".join(bad)}.')
   images = _random_images(config)
   ours = _OurStep(config, images)
   for _ in range(_WARMUP.value):
     ours()
   # The peer runs in a process of its own, with its own malloc (see --peer_huge_pages).
-  peer = peer_taming.PeerProcess(
+  peer = peer_module.PeerProcess(
       config, images, num_threads=_PEER_THREADS.value, seed=config.seed,
       environ=_peer_environ())
   peer_first_s = _timed(peer.step)

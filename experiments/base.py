@@ -20,6 +20,7 @@ def get_base_config() -> ml_collections.ConfigDict:
   c.data.resize = False          # resize (center crop + bicubic) images of another size instead of failing
   c.data.download = True         # let tfds download and prepare a dataset that is not prepared yet
   c.data.prefetch = 2            # batches decoded ahead of the train step
+  c.data.cache_mb = 1024         # keep decoded train/eval images in memory when a split takes at most this many MB (0: never)
 
   c.model = ml_collections.ConfigDict()
   c.model.arch = 'sonnet'        # 'sonnet' (VQ-VAE paper CIFAR net) or 'taming' (VQGAN net)

@@ -17,6 +17,11 @@ from benchmarks import profile_step
      'body/closed_call/dot_general', 'conv kernel gradient and im2col'),
     ('jit(_fun)/jvp(VQTokenizer)/VQTokenizer.decode/decoder/up1_upsample/conv/add',
      'conv forward other'),
+    # The Sonnet network's layers: transposed convs and residual-stack convs.
+    ('jit(_fun)/transpose(jvp(VQTokenizer))/VQTokenizer.decode/decoder/deconv1/ffi_call',
+     'conv kernel gradient and im2col'),
+    ('jit(_fun)/jvp(VQTokenizer)/VQTokenizer.encode/encoder/res_stack/res1_conv1/dot_general',
+     'conv forward other'),
     ('jit(_fun)/jvp(VQTokenizer)/VQTokenizer.decode/decoder/mid_attn/qkv/dot_general', 'attention'),
     ('jit(_fun)/transpose(jvp(VQTokenizer))/VQTokenizer.decode/decoder/up0_block1/norm1/add_any',
      'groupnorm'),

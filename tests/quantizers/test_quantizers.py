@@ -546,9 +546,11 @@ def _dot_precisions(fn, *args):
   return found
 
 
-def test_codebook_distances_and_ema_sums_run_at_highest_precision():
+def test_codebook_distances_and_ema_sums_run_at_highest_precision(monkeypatch):
   # On CPU every precision gives float32 results, so check what the program asks for:
-  # TPU (bf16 passes) and GPU (TF32) defaults would otherwise round these products.
+  # TPU (bf16 passes) and GPU (TF32) defaults would otherwise round these products. The
+  # program they run: the CPU one sums the EMA statistics without a matmul.
+  monkeypatch.setattr(quantizers.base, 'cpu_fast_path', lambda backend=None: False)
   highest = (jax.lax.Precision.HIGHEST, jax.lax.Precision.HIGHEST)
   cb = _codebook(24)
   z = np.random.default_rng(25).normal(size=(2, 3, D)).astype(np.float32)

@@ -115,6 +115,7 @@ def validate(config: ml_collections.ConfigDict, *, num_devices: int,
   _at_least(c, 'eval.grid_images', 1)
   _at_least(c, 'data.image_size', 1)
   _at_least(c, 'data.prefetch', 1)
+  _at_least(c, 'data.cache_mb', 0)
 
   # Model geometry.
   if c.model.arch == 'taming':

@@ -11,7 +11,8 @@ Usage sketch::
                                  num_local_devices=D):
     ...
 
-- `sources`: `ImageSource` (uint8 images + labels by index), `take`.
+- `sources`: `ImageSource` (uint8 images + labels by index), `take`, `in_memory` (decoded
+  once, then served from memory).
 - `readers`: the specs `tfds:NAME:SPLIT`, `npz:PATH`, `folder:PATH` and `open_source`.
 - `batches`: `train_batches` (a pure function of seed and step: exact resume),
   `eval_batches` (padded, masked: every example once), `to_float` / `to_uint8`.
@@ -29,6 +30,7 @@ from vq.data.readers import DatasetSpec
 from vq.data.readers import open_source
 from vq.data.readers import parse_spec
 from vq.data.sources import ImageSource
+from vq.data.sources import in_memory
 from vq.data.sources import take
 
 __all__ = [
@@ -36,6 +38,7 @@ __all__ = [
     'ImageSource',
     'default_num_threads',
     'eval_batches',
+    'in_memory',
     'num_eval_batches',
     'open_source',
     'parse_spec',

@@ -9,6 +9,7 @@ Usage sketch::
     def _get_many(self, indices): ...        # [(uint8 [H, W, 3], label), ...]
 
   src[3], src.get_batch([0, 5, 9]), sources.take(src, 100)
+  cached = sources.in_memory(src, max_bytes=2**30)  # decoded once, then read from memory
 
 Sources hand out uint8 [H, W, 3] images and integer labels (-1 when unlabelled).
 """
@@ -106,6 +107,52 @@ class Prefix(ImageSource):
 
   def _get_many(self, indices):
     return self._base._get_many(indices)  # pylint: disable=protected-access
+
+
+class InMemory(ImageSource):
+  """Another source with every example kept in memory once read (decoded uint8 pixels).
+
+  The first read of an example goes to `base`; later reads are copies out of one
+  preallocated [N, H, W, 3] array, so an epoch after the first decodes nothing. Reads from
+  several threads are safe: a row being read twice at once is written twice with the same
+  pixels, and it counts as read only after it is written.
+  """
+
+  def __init__(self, base: ImageSource):
+    super().__init__(description=base.description, image_shape=base.image_shape,
+                     num_classes=base.num_classes, skipped=base.skipped)
+    self._base = base
+    n = len(base)
+    self._images = np.empty((n,) + self.image_shape, np.uint8)
+    self._labels = np.empty((n,), np.int64)
+    self._read = np.zeros((n,), bool)
+
+  def __len__(self) -> int:
+    return len(self._images)
+
+  def _get_many(self, indices):
+    missing = list(dict.fromkeys(i for i in indices if not self._read[i]))  # each once
+    if missing:
+      for i, (image, label) in zip(missing, self._base._get_many(missing)):  # pylint: disable=protected-access
+        self._images[i] = image
+        self._labels[i] = label
+        self._read[i] = True
+    return [(self._images[i], int(self._labels[i])) for i in indices]
+
+
+def nbytes(source: ImageSource) -> int:
+  """Bytes of the decoded uint8 pixels of every example of `source`."""
+  return len(source) * int(np.prod(source.image_shape))
+
+
+def in_memory(source: ImageSource, max_bytes: int) -> ImageSource:
+  """`InMemory(source)` if its decoded pixels take at most `max_bytes`, else `source`.
+
+  Sources that already hold their pixels in memory (npz files) are returned as they are.
+  """
+  if max_bytes <= 0 or isinstance(source, (ArraySource, InMemory)):
+    return source
+  return InMemory(source) if nbytes(source) <= max_bytes else source
 
 
 def take(source: ImageSource, num_examples: int) -> ImageSource:

@@ -332,7 +332,11 @@ def _mixed_conv_fwd(x, kernel, strides, pads):
 
 def _mixed_conv_bwd(strides, pads, residuals, dy):
   x, kernel = residuals
-  dx = jax.vjp(lambda x: _lax_conv(x, kernel, strides, pads), x)[1](dy)[0]
+  from vq.models import conv_transpose  # pylint: disable=g-import-not-at-top (it imports us)
+  if conv_transpose.strided_input_grad_applies(kernel.shape, strides, pads, x.shape):
+    dx = conv_transpose.strided_input_grad(dy.astype(x.dtype), kernel)  # 4x4/2: its phases
+  else:
+    dx = jax.vjp(lambda x: _lax_conv(x, kernel, strides, pads), x)[1](dy)[0]
   if native.kernel_grad_supported(x.dtype, kernel.shape[-1]):
     dw = native.conv_kernel_grad(x, dy.astype(x.dtype), kernel.shape[:2], strides,
                                  (pads[0][0], pads[1][0]))

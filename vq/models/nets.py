@@ -14,7 +14,7 @@ Two families:
   optional single-head self-attention at chosen resolutions. Works from 32x32 up to 256x256.
 - `SonnetEncoder` / `SonnetDecoder`: the compact CIFAR network of the VQ-VAE paper as in
   DeepMind's Sonnet example (two stride-2 4x4 convs, a 3x3 conv, a residual stack; mirrored
-  decoder with two stride-2 4x4 transposed convs).
+  decoder with two stride-2 4x4 transposed convs, `vq.models.conv_transpose`).
 
 Convolutions go through `vq.models.conv.Conv` (same parameters as `nn.Conv`), which picks an
 im2col + matmul formulation on CPU where XLA's own convolution gradient is slow.
@@ -34,6 +34,7 @@ import jax
 import jax.numpy as jnp
 
 from vq.models import conv
+from vq.models import conv_transpose
 from vq.models import norms
 
 Dtype = Any
@@ -269,39 +270,6 @@ class TamingDecoder(nn.Module):
     return out.astype(jnp.float32)
 
 
-class SubpixelConvTranspose(nn.Module):
-  """4x4 stride-2 'SAME' transposed conv computed as one 3x3 conv + depth-to-space.
-
-  Same parameters (`kernel` [4, 4, Cin, Cout], `bias`) and outputs as
-  `nn.ConvTranspose(features, (4, 4), (2, 2))`. Why: XLA:CPU's gradient of the
-  lhs-dilated convolution behind ConvTranspose is pathological (977 ms vs ~60 ms for a
-  128->64 channel layer at 8x8, batch 64). Each output parity (a, b) only sees a 2x2
-  subset of the 4x4 taps over the input's 3x3 neighbourhood; those subsets are laid out
-  as one [3, 3, Cin, 4 * Cout] kernel and the four phases are interleaved afterwards.
-  """
-  features: int
-  dtype: Dtype = jnp.float32
-
-  # For output parity 0 the taps at input offsets (-1, 0, +1) are (k0, k2, -),
-  # for parity 1 they are (-, k1, k3); index 4 points at an appended zero tap.
-  _TAPS = ((0, 2, 4), (4, 1, 3))
-
-  @nn.compact
-  def __call__(self, x: jax.Array) -> jax.Array:
-    cin = x.shape[-1]
-    kernel = self.param('kernel', nn.initializers.lecun_normal(), (4, 4, cin, self.features),
-                        jnp.float32)
-    bias = self.param('bias', nn.initializers.zeros, (self.features,), jnp.float32)
-    padded = jnp.pad(kernel, ((0, 1), (0, 1), (0, 0), (0, 0)))
-    phases = [padded[jnp.array(ta)][:, jnp.array(tb)]
-              for ta in self._TAPS for tb in self._TAPS]        # 4 x [3, 3, Cin, Cout]
-    k3 = jnp.stack(phases, axis=3).reshape(3, 3, cin, 4 * self.features)
-    y = conv.conv2d(x.astype(self.dtype), k3.astype(self.dtype), padding='SAME')
-    n, h, w, _ = y.shape
-    y = y.reshape(n, h, w, 2, 2, self.features).transpose(0, 1, 3, 2, 4, 5)
-    return y.reshape(n, 2 * h, 2 * w, self.features) + bias.astype(self.dtype)
-
-
 class ResidualStack(nn.Module):
   """Sonnet's residual stack: (relu, 3x3 -> hidden, relu, 1x1 -> channels, add) x n, relu."""
   num_layers: int = 2
@@ -348,7 +316,8 @@ class SonnetDecoder(nn.Module):
     z = z.astype(self.dtype)
     h = conv.Conv(self.hidden, (3, 3), dtype=self.dtype, name='conv_in')(z)
     h = ResidualStack(self.num_res_layers, self.res_hidden, self.dtype, name='res_stack')(h)
-    h = nn.relu(SubpixelConvTranspose(self.hidden // 2, self.dtype, name='deconv1')(h))
+    h = conv_transpose.ConvTranspose4x4(self.hidden // 2, self.dtype, name='deconv1')(h)
+    h = nn.relu(h)
     self.sow('intermediates', 'conv_out_input', h)
     out = output_layer('sonnet', self.out_channels, self.dtype)(h)
     return out.astype(jnp.float32)
@@ -361,7 +330,7 @@ def output_layer(arch: str, out_channels: int, dtype: Dtype = jnp.float32) -> nn
   respect to this layer alone (taming's adaptive weight) without a second backward pass.
   """
   if arch == 'sonnet':
-    return SubpixelConvTranspose(out_channels, dtype, name='conv_out')
+    return conv_transpose.ConvTranspose4x4(out_channels, dtype, name='conv_out')
   return conv.Conv(out_channels, (3, 3), dtype=dtype, name='conv_out')
 
 

@@ -77,7 +77,47 @@ def squared_distances(z: jax.Array, codebook: jax.Array) -> jax.Array:
 
 def nearest_codes(z: jax.Array, codebook: jax.Array) -> jax.Array:
   """Index of the nearest codebook row for each z [M, D] -> int32 [M]."""
-  return jnp.argmin(squared_distances(z, codebook), axis=-1).astype(jnp.int32)
+  return nearest_index(squared_distances(z, codebook))
+
+
+def cpu_fast_path(backend: str | None = None) -> bool:
+  """Whether the CPU-only formulations below run (JAX's CPU backend)."""
+  backend = jax.default_backend() if backend is None else backend
+  return backend == 'cpu'
+
+
+def nearest_index(distances: jax.Array, backend: str | None = None) -> jax.Array:
+  """`argmin` over the last axis of [..., K] distances (the first index on ties), int32.
+
+  On CPU (`cpu_fast_path`) it is the row minimum, then the smallest index whose distance
+  equals it: two plain reductions, where XLA:CPU runs argmin as one reduction over
+  (value, index) pairs that it does not vectorise (2048 x 512 distances, one core: 1.3 vs
+  8 ms). The same index for every finite row; a row holding NaN gets K - 1 instead of the
+  NaN's position. Elsewhere `jnp.argmin`.
+  """
+  if not cpu_fast_path(backend):
+    return jnp.argmin(distances, axis=-1).astype(jnp.int32)
+  k = distances.shape[-1]
+  smallest = jnp.min(distances, axis=-1, keepdims=True)
+  first = jnp.min(jnp.where(distances == smallest, jnp.arange(k, dtype=jnp.int32), k), axis=-1)
+  return jnp.minimum(first, k - 1)
+
+
+def code_sums(x: jax.Array, indices: jax.Array, num_codes: int,
+              backend: str | None = None) -> jax.Array:
+  """Per-code sums of the rows of x [M, D] by their code indices [M]: float32 [K, D].
+
+  On CPU (`cpu_fast_path`) a segment sum (a scatter-add of rows, in row order); elsewhere
+  one_hot(indices)^T x at HIGHEST precision, the same sums of the same float32 values
+  (on TPU/GPU a scatter-add is slower or nondeterministic). XLA:CPU runs the one-hot matmul
+  outside its fast matmul path, contracting the rows (512 codes, 2048 x 64, one core:
+  5.1 ms in the train step against 0.5 ms for the segment sum).
+  """
+  x = x.astype(jnp.float32)
+  if cpu_fast_path(backend):
+    return jax.ops.segment_sum(x, indices, num_segments=num_codes)
+  one_hot = jax.nn.one_hot(indices, num_codes, dtype=jnp.float32)
+  return jnp.matmul(one_hot.T, x, precision=jax.lax.Precision.HIGHEST)
 
 
 def normalize_rows(x: jax.Array) -> jax.Array:

@@ -102,7 +102,7 @@ class _NearestCodeQuantizer(base.TokenSpace, nn.Module):
     x = self._to_lookup_space(z_e)
     codebook = self._lookup_codebook()
     distances = base.squared_distances(x, codebook)
-    indices = jnp.argmin(distances, axis=-1).astype(jnp.int32)
+    indices = base.nearest_index(distances)
     codes = jnp.take(codebook, indices, axis=0)
 
     x32, codes32 = x.astype(jnp.float32), codes.astype(jnp.float32)
@@ -347,10 +347,9 @@ class EMAVectorQuantizer(_NearestCodeQuantizer):
   def __call__(self, z_e: jax.Array, *, train: bool = False) -> base.QuantizerOutput:
     out, x, indices = self._quantize(z_e, train=train, learned_codebook=False)
     if train and not self.is_initializing():
-      one_hot = jax.nn.one_hot(indices, self.num_codes, dtype=jnp.float32)
-      # Float32 EMA statistics: exact one-hot sums at HIGHEST precision (see above).
-      sums = base.psum_if(jnp.matmul(one_hot.T, jax.lax.stop_gradient(x),
-                                precision=jax.lax.Precision.HIGHEST), self.axis_name)
+      # Float32 EMA statistics: exact per-code sums (see above).
+      sums = base.psum_if(base.code_sums(jax.lax.stop_gradient(x), indices, self.num_codes),
+                          self.axis_name)
       self._ema_update(out.counts, sums)
     return out
 

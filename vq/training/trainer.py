@@ -51,15 +51,17 @@ def load_lpips_if_needed(config: ml_collections.ConfigDict) -> Any:
 
 
 def open_train_source(config: ml_collections.ConfigDict) -> data.ImageSource:
-  return data.open_source(config.data.dataset, image_size=config.data.image_size,
-                          data_dir=config.data.data_dir or None, resize=config.data.resize,
-                          download=config.data.download)
+  source = data.open_source(config.data.dataset, image_size=config.data.image_size,
+                            data_dir=config.data.data_dir or None, resize=config.data.resize,
+                            download=config.data.download)
+  return data.in_memory(source, config.data.cache_mb * 2**20)
 
 
 def open_eval_source(config: ml_collections.ConfigDict) -> data.ImageSource:
-  return data.open_source(config.eval.dataset, image_size=config.data.image_size,
-                          data_dir=config.data.data_dir or None, resize=config.data.resize,
-                          download=config.data.download)
+  source = data.open_source(config.eval.dataset, image_size=config.data.image_size,
+                            data_dir=config.data.data_dir or None, resize=config.data.resize,
+                            download=config.data.download)
+  return data.in_memory(source, config.data.cache_mb * 2**20)
 
 
 def build_state(config: ml_collections.ConfigDict, image_shape, lpips_params=None
