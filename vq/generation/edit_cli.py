@@ -193,10 +193,11 @@ def edit_to_dir(config, workdir: str, out: str | None, *, target_label: int | No
   from vq.generation import edit_eval  # pylint: disable=g-import-not-at-top
   scorer, missing = edit_eval.vgg_scorer(size, editor.batch_size, classifier=True)
   lpips_fn = edit_eval.MaskedLPIPS()
+  sources = lpips_fn.reference(images)
   rows_out = []
   for j, r in enumerate(schedule):
     row = {'ratio': float(r),
-           'lpips_to_source': float(np.mean(lpips_fn(done.images[:, j], images)))}
+           'lpips_to_source': float(np.mean(lpips_fn.distance(sources, done.images[:, j])))}
     if missing is None:
       probs = scorer.features(done.images[:, j])['probs']
       row['classifier_target_accuracy'] = float(np.mean(np.argmax(probs, axis=1) ==

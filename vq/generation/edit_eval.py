@@ -66,7 +66,11 @@ def level_weights(masks: jax.Array, shape: tuple[int, int]) -> jax.Array:
 
 
 class MaskedLPIPS:
-  """LPIPS restricted to a pixel mask (module docstring), jitted in batches of `batch_size`."""
+  """LPIPS restricted to a pixel mask (module docstring), jitted in batches of `batch_size`.
+
+  `reference(images)` keeps the VGG maps of the images compared against (the originals),
+  so that scoring several completions of them runs VGG once per completion only.
+  """
 
   def __init__(self, batch_size: int = 250):
     from vq.perceptual import lpips  # pylint: disable=g-import-not-at-top
@@ -74,34 +78,48 @@ class MaskedLPIPS:
     self._params = lpips.load_pretrained_params()
     self.batch_size = int(batch_size)
 
-    def distance(params, a, b, m):
-      taps = model.apply({'params': params}, data.to_float(jnp.concatenate([a, b])),
-                         method=lpips.LPIPS.features)
-      n = a.shape[0]
-      total = jnp.zeros((n,), jnp.float32)
-      for level, feat in enumerate(taps):
-        d = jnp.square(feat[:n] - feat[n:]) @ params[f'lin{level}']           # [N, h, w]
+    def taps(params, x):
+      return model.apply({'params': params}, data.to_float(x), method=lpips.LPIPS.features)
+
+    def distance(params, ref, b, m):
+      total = jnp.zeros((b.shape[0],), jnp.float32)
+      for level, (fa, fb) in enumerate(zip(ref, taps(params, b))):
+        d = jnp.square(fa - fb) @ params[f'lin{level}']                        # [N, h, w]
         weight = level_weights(m.astype(jnp.float32), d.shape[1:3])
         total = total + jnp.sum(d * weight, axis=(1, 2)) / jnp.maximum(
             jnp.sum(weight, axis=(1, 2)), 1e-12)
       return total
 
-    self._fn = jax.jit(distance)
+    self._taps, self._distance = jax.jit(taps), jax.jit(distance)
 
-  def __call__(self, a: np.ndarray, b: np.ndarray, masks: np.ndarray | None = None
-               ) -> np.ndarray:
-    """float32 [N] for uint8 images a, b [N, H, W, 3] (masks None: the whole image)."""
-    n = len(a)
-    m = np.ones(a.shape[:3], bool) if masks is None else np.asarray(masks, bool)
-    out = np.zeros(n, np.float32)
+  def _chunks(self, n: int):
     # One compiled shape per power of two up to batch_size: small sets stay cheap.
     bs = min(self.batch_size, 1 << max(n - 1, 0).bit_length())
     for lo in range(0, n, bs):
       rows = min(bs, n - lo)
-      pad = lambda x: np.concatenate([x[lo:lo + rows],
-                                      np.ones((bs - rows,) + x.shape[1:], x.dtype)])
-      out[lo:lo + rows] = np.asarray(self._fn(self._params, pad(a), pad(b), pad(m)))[:rows]
+      pad = lambda x, lo=lo, rows=rows: np.concatenate(
+          [x[lo:lo + rows], np.ones((bs - rows,) + x.shape[1:], x.dtype)])
+      yield lo, rows, pad
+
+  def reference(self, images: np.ndarray) -> list[Any]:
+    """The VGG maps of uint8 images [N, H, W, 3], batch by batch, for `distance`."""
+    return [self._taps(self._params, pad(images)) for _, _, pad in self._chunks(len(images))]
+
+  def distance(self, reference: list[Any], images: np.ndarray,
+               masks: np.ndarray | None = None) -> np.ndarray:
+    """float32 [N]: masked LPIPS of `images` to the images `reference` was made from."""
+    n = len(images)
+    m = np.ones(images.shape[:3], bool) if masks is None else np.asarray(masks, bool)
+    out = np.zeros(n, np.float32)
+    for ref, (lo, rows, pad) in zip(reference, self._chunks(n)):
+      out[lo:lo + rows] = np.asarray(self._distance(self._params, ref, pad(images),
+                                                    pad(m)))[:rows]
     return out
+
+  def __call__(self, a: np.ndarray, b: np.ndarray, masks: np.ndarray | None = None
+               ) -> np.ndarray:
+    """float32 [N] for uint8 images a, b [N, H, W, 3] (masks None: the whole image)."""
+    return self.distance(self.reference(b), a, masks)
 
 
 def frechet(a: np.ndarray, b: np.ndarray) -> float:
@@ -164,7 +182,7 @@ def completions(editor, images: np.ndarray, tokens: np.ndarray, masks: np.ndarra
 def evaluate_inpainting(editor, images: np.ndarray, masks: dict[str, np.ndarray],
                         labels: np.ndarray, key: jax.Array, *, most_frequent: int,
                         feather: int, chunk: int = 500,
-                        scorer: Any = None, lpips_fn: Callable | None = None,
+                        scorer: Any = None, lpips_fn: MaskedLPIPS | None = None,
                         on_chunk: Callable[[str, dict[str, np.ndarray], int], None] | None = None
                         ) -> dict[str, Any]:
   """Scores every method on every image once, for each named mask set [N, H, W].
@@ -187,6 +205,7 @@ def evaluate_inpainting(editor, images: np.ndarray, masks: dict[str, np.ndarray]
     batch = images[lo:hi]
     tokens = editor.gen.tokenizer.encode(batch)
     real_features.append(scorer.features(batch)['vgg'])
+    reference = lpips_fn.reference(batch)
     for spec, m in masks.items():
       outputs = completions(editor, batch, tokens, m[lo:hi], regions[spec][lo:hi],
                             labels[lo:hi], key, most_frequent=most_frequent, feather=feather,
@@ -196,7 +215,7 @@ def evaluate_inpainting(editor, images: np.ndarray, masks: dict[str, np.ndarray]
       for method, done in outputs.items():
         acc = sums.setdefault((spec, method), {'psnr': [], 'lpips': [], 'vgg': []})
         acc['psnr'].append(masked_psnr(done, batch, m[lo:hi]))
-        acc['lpips'].append(lpips_fn(done, batch, m[lo:hi]))
+        acc['lpips'].append(lpips_fn.distance(reference, done, m[lo:hi]))
         acc['vgg'].append(scorer.features(done)['vgg'])
     logging.info('vq: inpainting eval %d/%d images in %.0f s', hi, n,
                  time.perf_counter() - start)
