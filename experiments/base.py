@@ -38,6 +38,7 @@ def get_base_config() -> ml_collections.ConfigDict:
   c.quantizer.num_codes = 512    # codebook size K
   c.quantizer.code_dim = 64      # code dimension D (encoder output channels)
   c.quantizer.beta = 0.25        # commitment weight: beta * ||z_e - sg[e]||^2
+  c.quantizer.beta_on = 'commitment'  # vq: the term beta weighs: 'commitment' or 'codebook' (taming's legacy VQ)
   c.quantizer.decay = 0.99       # ema: decay of counts and sums
   c.quantizer.epsilon = 1e-5     # ema: Laplace smoothing of counts
   c.quantizer.init = 'random'    # vq/ema: 'random' or 'kmeans' (k-means++ and Lloyd on the first global batch)

@@ -26,6 +26,7 @@ The packages, bottom to top (each imports only the ones above it in this list):
   training     losses, the train step, the loop
   inference    a trained tokenizer from its workdir; encode/decode/reconstruct modes
   generation   token priors (GPT, MaskGIT): training, sampling, evaluation
+  convert      taming-transformers and LlamaGen checkpoints -> vq workdirs (python -m vq.convert)
 
 Importing `vq` imports none of them (and so starts no JAX backend): the names below load
 their package on first use.

@@ -94,6 +94,8 @@ BAD_CONFIGS = {
     'image_size_not_divisible': (_bad('data.image_size', 30), r'data.image_size=30 is not divisible by the encoder downsampling factor 4'),
     'taming_image_size': (_bad('model.arch', 'taming', **{'data.image_size': 34}), r'data.image_size=34 is not divisible .* factor 4'),
     'taming_groupnorm': (_bad('model.arch', 'taming', **{'model.ch': 48}), r'model.ch=48 times multiplier 1 is not a multiple of 32'),
+    'unknown_beta_on': (_bad('quantizer.beta_on', 'encoder'), r"quantizer.beta_on='encoder' is unknown.*'commitment', 'codebook'"),
+    'beta_on_codebook_needs_vq': (_bad('quantizer.beta_on', 'codebook'), r"quantizer.beta_on='codebook' is not supported by quantizer.kind='ema'"),
     'codebook_too_small': (_bad('quantizer.num_codes', 1), r'quantizer.num_codes=1 must be >= 2'),
     'code_dim_zero': (_bad('quantizer.code_dim', 0), r'quantizer.code_dim=0 must be >= 1'),
     'negative_beta': (_bad('quantizer.beta', -0.1), r'quantizer.beta=-0.1 must be >= 0'),

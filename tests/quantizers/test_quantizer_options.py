@@ -534,3 +534,34 @@ def test_bad_options_raise_value_errors(cls):
   with pytest.raises(ValueError, match=r'\[N, 3\].*\(5, 4\)'):
     _maintain(module, variables, jnp.zeros((5, D)), jnp.zeros(K, bool), False,
               jax.random.key(1))
+
+
+# ---------------------------------------------------------------------------------------
+# 6. Where beta goes (taming's legacy placement, for converted checkpoints).
+
+
+@pytest.mark.parametrize('beta_on', ['commitment', 'codebook'])
+def test_beta_on_weighs_the_named_term_in_loss_and_gradients(beta_on):
+  cb = _codebook(5)
+  z = np.random.default_rng(6).normal(size=(6, D)).astype(np.float32)
+  module = quantizers.VectorQuantizer(num_codes=K, code_dim=D, beta=BETA, beta_on=beta_on)
+  params = {'codebook': jnp.asarray(cb)}
+  idx = np.argmin(_np_sq_dist(z, cb), axis=1)
+  diff = z.astype(np.float64) - cb[idx].astype(np.float64)
+  mse = np.mean(diff ** 2)  # both terms have this value; only their gradients differ
+  w_code, w_commit = (BETA, 1.0) if beta_on == 'codebook' else (1.0, BETA)
+  out = _apply(module, {'params': params}, z)
+  np.testing.assert_allclose(out.loss, (w_code + w_commit) * mse, rtol=1e-6)
+  loss = lambda p, x: module.apply({'params': p}, x).loss
+  g_codebook, g_z = jax.jit(jax.grad(loss, argnums=(0, 1)))(params, z)
+  # d/dz of w_commit * mean((z - sg e)^2); d/de of w_code * mean((sg z - e)^2), summed per row.
+  np.testing.assert_allclose(g_z, w_commit * 2 * diff / diff.size, rtol=1e-5, atol=1e-7)
+  want = np.zeros_like(cb, np.float64)
+  np.add.at(want, idx, -w_code * 2 * diff / diff.size)
+  np.testing.assert_allclose(g_codebook['codebook'], want, rtol=1e-5, atol=1e-7)
+
+
+def test_unknown_beta_on_is_a_value_error():
+  with pytest.raises(ValueError, match=r"beta_on='encoder' is unknown"):
+    quantizers.VectorQuantizer(num_codes=K, code_dim=D, beta_on='encoder').init(
+        jax.random.key(0), jnp.zeros((2, D)))

@@ -68,8 +68,11 @@ def build_quantizer(q: ml_collections.ConfigDict, axis_name: str | None = None) 
         num_codes=q.num_codes, code_dim=q.code_dim, beta=q.beta, decay=q.decay,
         epsilon=q.epsilon, axis_name=axis_name, **codebook_options)
   if q.kind == 'vq':
+    # .get: configs saved before beta_on existed weigh the commitment term.
     return quantizers.VectorQuantizer(num_codes=q.num_codes, code_dim=q.code_dim, beta=q.beta,
-                                      axis_name=axis_name, **codebook_options)
+                                      axis_name=axis_name,
+                                      beta_on=q.get('beta_on', 'commitment'),
+                                      **codebook_options)
   if q.kind == 'fsq':
     from vq.quantizers import scalar as scalar_quantizers  # pylint: disable=g-import-not-at-top
     return scalar_quantizers.FSQ(levels=tuple(q.fsq_levels), code_dim=q.code_dim,

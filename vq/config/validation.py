@@ -21,6 +21,7 @@ ARCHS = ('sonnet', 'taming')
 QUANTIZER_KINDS = ('vq', 'ema', 'fsq', 'lfq', 'rvq')
 QUANTIZER_INITS = ('random', 'kmeans')
 QUANTIZER_GRADIENTS = ('ste', 'rotation')
+QUANTIZER_BETA_TERMS = ('commitment', 'codebook')
 # Quantizer options, the value that means "off", and the kinds that implement them.
 QUANTIZER_OPTIONS = {
     'init': ('random', ('vq', 'ema')),
@@ -28,6 +29,7 @@ QUANTIZER_OPTIONS = {
     'lookup_dim': (0, ('vq', 'ema')),
     'l2_normalize': (False, ('vq', 'ema')),
     'gradient': ('ste', ('vq', 'ema')),
+    'beta_on': ('commitment', ('vq',)),
     'entropy_weight': (0.0, ('vq', 'ema', 'lfq')),
 }
 # LFQ's entropy penalty sums over all 2**bits codes for every position.
@@ -179,6 +181,7 @@ def _validate_quantizer(c: ml_collections.ConfigDict) -> None:
   q = c.quantizer
   _choice(c, 'quantizer.init', QUANTIZER_INITS)
   _choice(c, 'quantizer.gradient', QUANTIZER_GRADIENTS)
+  _choice(c, 'quantizer.beta_on', QUANTIZER_BETA_TERMS)
   for field in ('kmeans_iters', 'restart_after', 'lookup_dim', 'entropy_weight'):
     _at_least(c, f'quantizer.{field}', 0)
   _at_least(c, 'quantizer.entropy_temperature', 0.0, strict=True)

@@ -24,6 +24,7 @@ import jax.numpy as jnp
 
 STATS = 'vq_stats'  # variable collection holding codebook statistics
 GRADIENTS = ('ste', 'rotation')
+BETA_TERMS = ('commitment', 'codebook')  # the loss term beta weighs (VectorQuantizer)
 
 # Norms below this count as zero: the rotation trick falls back to straight-through, and
 # l2 normalisation leaves the vector at (near) zero instead of dividing by zero.
@@ -41,7 +42,8 @@ class QuantizerOutput:
     codebook_loss: mean ||sg[z_e] - e||^2 (zero when the codebook is an EMA).
     commitment_loss: mean ||z_e - sg[e]||^2, unweighted.
     loss: codebook_loss + beta * commitment_loss (+ entropy_weight * entropy_loss): what
-      the train step adds to its loss.
+      the train step adds to its loss (beta * codebook_loss + commitment_loss with
+      `VectorQuantizer(beta_on='codebook')`).
     perplexity: exp(entropy) of code usage in this batch (over all devices if an axis
       name is given).
     counts: float32 [num_codes], how often each code was chosen in this batch (summed

@@ -19,7 +19,10 @@ Usage sketch::
 Both quantizers return a `QuantizerOutput`. The codebook and commitment losses are
 computed from `z_e` and the selected codes *before* the straight-through patch
 `z_q = z_e + sg(e - z_e)`, and beta multiplies the commitment term
-`||z_e - sg(e)||^2` (van den Oord et al. 2017, eq. 3). With `lookup_dim` or
+`||z_e - sg(e)||^2` (van den Oord et al. 2017, eq. 3); `VectorQuantizer(beta_on='codebook')`
+instead weighs the codebook term by beta and the commitment term by 1, as
+taming-transformers' `VectorQuantizer2(legacy=True)` does (the quantizer of its released
+VQGANs, kept for checkpoints converted by `vq.convert`). With `lookup_dim` or
 `l2_normalize`, "z_e" above means the encoder output in the lookup space (projected,
 normalised) and the selected code is projected back to `code_dim` afterwards.
 
@@ -91,7 +94,8 @@ class _NearestCodeQuantizer(base.TokenSpace, nn.Module):
     codebook = self.codebook.value
     return base.normalize_rows(codebook) if self.l2_normalize else codebook
 
-  def _quantize(self, z_e: jax.Array, *, train: bool, learned_codebook: bool
+  def _quantize(self, z_e: jax.Array, *, train: bool, learned_codebook: bool,
+                beta_on: str = 'commitment'
                 ) -> tuple[base.QuantizerOutput, jax.Array, jax.Array]:
     """The forward pass; also returns the lookup-space inputs and flat indices."""
     sg = jax.lax.stop_gradient
@@ -107,7 +111,10 @@ class _NearestCodeQuantizer(base.TokenSpace, nn.Module):
       codebook_loss = jnp.mean(jnp.square(sg(x32) - codes32))
     else:
       codebook_loss = jnp.zeros((), jnp.float32)
-    loss = codebook_loss + self.beta * commitment
+    if beta_on == 'codebook':
+      loss = self.beta * codebook_loss + commitment
+    else:
+      loss = codebook_loss + self.beta * commitment
     if self.entropy_weight > 0:
       entropy_loss = base.entropy_penalty(distances, self.entropy_temperature, self.axis_name)
       loss = loss + self.entropy_weight * entropy_loss
@@ -209,6 +216,8 @@ class VectorQuantizer(_NearestCodeQuantizer):
     entropy_temperature: its softmax temperature.
     gradient: 'ste' (straight-through) or 'rotation' (`base.rotate_to`).
     kmeans_iters: Lloyd iterations when `maintain` runs k-means.
+    beta_on: 'commitment' (loss = codebook + beta * commitment) or 'codebook'
+      (beta * codebook + commitment, taming's legacy placement).
   """
   num_codes: int
   code_dim: int
@@ -220,9 +229,13 @@ class VectorQuantizer(_NearestCodeQuantizer):
   entropy_temperature: float = 0.01
   gradient: str = 'ste'
   kmeans_iters: int = 10
+  beta_on: str = 'commitment'
 
   def setup(self):
     self._check_options()
+    if self.beta_on not in base.BETA_TERMS:
+      raise ValueError(f'VectorQuantizer: beta_on={self.beta_on!r} is unknown; choose one of '
+                       f'{base.BETA_TERMS}.')
     init = nn.initializers.variance_scaling(1.0, 'fan_out', 'uniform')
     shape = (self.num_codes, self.space_dim)
     # Uniform with variance 1/d per entry: codes start on the scale of a unit-variance
@@ -233,7 +246,7 @@ class VectorQuantizer(_NearestCodeQuantizer):
     self._make_projections()
 
   def __call__(self, z_e: jax.Array, *, train: bool = False) -> base.QuantizerOutput:
-    out, _, _ = self._quantize(z_e, train=train, learned_codebook=True)
+    out, _, _ = self._quantize(z_e, train=train, learned_codebook=True, beta_on=self.beta_on)
     return out
 
   def maintain(self, z: jax.Array, dead: jax.Array, kmeans_now: jax.Array) -> jax.Array:

@@ -87,13 +87,26 @@ def init_key(seed: int) -> jax.Array:
 
 def create_train_state(config: ml_collections.ConfigDict, rng: jax.Array,
                        image_shape: tuple[int, int, int],
-                       lpips_params: PyTree | None = None) -> TrainState:
-  """Fresh state for `config` (on the default device, not replicated)."""
+                       lpips_params: PyTree | None = None,
+                       variables: PyTree | None = None) -> TrainState:
+  """Fresh state for `config` (on the default device, not replicated).
+
+  Args:
+    config: the experiment config.
+    rng: key for the initial weights.
+    image_shape: (H, W, 3) of one training image.
+    lpips_params: the frozen LPIPS weights (needed by the vqgan objective with LPIPS).
+    variables: tokenizer variables ({'params', 'vq_stats'?}) to start from instead of
+      initialising them, e.g. weights converted from another framework (`vq.convert`);
+      the caller checks they have the structure and shapes `model.init` gives. The
+      optimizer and discriminator states are fresh either way.
+  """
   model = builders.build_tokenizer(config)
   dummy = jnp.zeros((1,) + tuple(image_shape), jnp.float32)
   gen_rng, disc_rng = jax.random.split(rng)
-  # Jitted: eager init dispatches (and compiles) every op separately, ~10x slower.
-  variables = jax.jit(model.init)({'params': gen_rng}, dummy)
+  if variables is None:
+    # Jitted: eager init dispatches (and compiles) every op separately, ~10x slower.
+    variables = jax.jit(model.init)({'params': gen_rng}, dummy)
   params = variables['params']
   vq_stats = variables.get('vq_stats', {})
   tx = builders.build_optimizer(config.train)
