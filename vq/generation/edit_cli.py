@@ -14,9 +14,10 @@ Usage sketch (PRIOR = a prior's --workdir, its --config as trained)::
   images: originals, masked inputs, then one line per sample) and `completions.npz`
   (`images` uint8 [N, H, W, 3], or [N, S, H, W, 3] with S = --samples_per_image > 1;
   `masks` bool [N, H, W]; `tokens`, `regions`, `labels`).
-- edit: MaskGIT; resamples a fraction r of each image's tokens under `--target_label` for
-  every r of `--ratios` (r = 0, the reconstruction, always included); images already of
-  the target class are left out when the dataset has labels. Writes `edit.png` (sources,
+- edit: MaskGIT; resamples a fraction r of each image's tokens (of the token region of
+  `--mask` when given, blended as for inpainting) under `--target_label` for every r of
+  `--ratios` (r = 0, the reconstruction, always included); images already of the target
+  class are left out when the dataset has labels. Writes `edit.png` (sources,
   then one line per r), `edits.npz` (`images` [N, R, H, W, 3], `ratios`, ...) and
   `edit.json`: per r the classifier's target-class accuracy and the LPIPS to the source.
 - sample_large: `--num_samples` (default 8 per class) grids of `--token_grid` tokens
@@ -56,9 +57,10 @@ DEFAULT_RATIOS = (0.25, 0.5, 0.75, 1.0)
 DEFAULT_EVAL_MASKS = ('center', 'right')
 
 
-def _load_images(config: ml_collections.ConfigDict, spec: str | None, max_images: int
-                 ) -> tuple[np.ndarray, np.ndarray, int]:
-  """(uint8 images, int labels, image size) of a dataset at the tokenizer's image size."""
+def _load_images(config: ml_collections.ConfigDict, spec: str | None, max_images: int, *,
+                 skip_label: int | None = None) -> tuple[np.ndarray, np.ndarray, int]:
+  """(uint8 images, int labels, image size) of a dataset at the tokenizer's image size:
+  the first `max_images` (0: all), leaving out those labelled `skip_label`."""
   tok_config = token_data.tokenizer_config(config.prior.tokenizer_workdir)
   size = int(tok_config.data.image_size)
   if max_images is not None and max_images < 0:
@@ -66,6 +68,19 @@ def _load_images(config: ml_collections.ConfigDict, spec: str | None, max_images
   source = data.open_source(spec or config.eval.dataset, image_size=size,
                             data_dir=config.data.data_dir or None,
                             resize=bool(tok_config.data.resize), download=config.data.download)
+  if skip_label is not None:
+    chunks, labels, found = [], [], 0
+    for lo in range(0, len(source), 1024):
+      batch, batch_labels = source.get_many(range(lo, min(len(source), lo + 1024)))
+      keep = np.asarray(batch_labels) != skip_label
+      chunks.append(np.asarray(batch)[keep])
+      labels.append(np.asarray(batch_labels)[keep])
+      found += int(keep.sum())
+      if max_images and found >= max_images:
+        break
+    n = max_images or found
+    return (np.concatenate(chunks)[:n].astype(np.uint8), np.concatenate(labels)[:n].astype(
+        np.int64), size)
   if max_images:
     source = data.take(source, max_images)
   images, labels = source.get_many(range(len(source)))
@@ -172,11 +187,9 @@ def edit_to_dir(config, workdir: str, out: str | None, *, target_label: int | No
                                                                     'ratios'))))
   feather = 2 if feather is None else feather
   spec = masks_lib.check_spec(mask) if mask else None
-  wanted = 16 if max_images is None else max_images
-  images, ds_labels, size = _load_images(config, dataset, 0)
-  keep = np.flatnonzero(ds_labels != target_label)
-  keep = keep[:wanted] if wanted else keep
-  images, ds_labels = images[keep], ds_labels[keep]
+  images, ds_labels, size = _load_images(config, dataset,
+                                         16 if max_images is None else max_images,
+                                         skip_label=target_label)
   if not len(images):
     raise ValueError(f'every image of the dataset is already of class {target_label}; pick '
                      'another --target_label or --dataset.')
