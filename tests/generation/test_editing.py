@@ -210,3 +210,18 @@ def test_level_weights_are_the_masked_fraction_of_each_cell():
   m[0, 0, :3] = 1.0
   np.testing.assert_allclose(edit_eval.level_weights(jnp.asarray(m), (2, 2))[0],
                              [[0.5, 0.25], [0.0, 0.0]])
+
+
+def test_markdown_table_shows_each_prior_and_the_baselines_once():
+  scores = lambda x: {'psnr_masked': x, 'lpips_masked': x / 100, 'fd_vgg': x * 10,
+                      'num_images': 2}
+  maskgit = {'objective': 'maskgit', 'step': 9, 'center': {
+      'pixel_fraction': 0.25, 'prior': scores(20), 'opencv_telea': scores(15)}}
+  gpt = {'objective': 'gpt', 'step': 7, 'center': {
+      'pixel_fraction': 0.25, 'prior_not_applicable': 'no', 'opencv_telea': scores(15)},
+         'bottom': {'pixel_fraction': 0.5, 'prior': scores(12), 'opencv_telea': scores(13)}}
+  assert edit_eval.markdown_table([maskgit, gpt]).splitlines()[2:] == [
+      '| center | maskgit (step 9) | 20.00 | 0.200 | 200.0 |',
+      '| center | opencv_telea | 15.00 | 0.150 | 150.0 |',
+      '| bottom | gpt (step 7) | 12.00 | 0.120 | 120.0 |',
+      '| bottom | opencv_telea | 13.00 | 0.130 | 130.0 |']

@@ -7,6 +7,7 @@ Usage sketch::
                                 most_frequent=code)          # {'center': {'prior': {...}}}
   masked_psnr(completed, originals, masks)                   # float64 [N], dB
   MaskedLPIPS()(completed, originals, masks)                 # float32 [N]
+  python -m vq.generation.edit_eval A/eval_inpaint.json B/...  # the markdown table
 
 Per mask and method, over every image once:
 - `psnr_masked`: per image 10 log10(255^2 / MSE over its masked pixels and channels), then
@@ -238,3 +239,37 @@ def evaluate_inpainting(editor, images: np.ndarray, masks: dict[str, np.ndarray]
                        'num_images': int(n)}
     results[spec] = entry
   return results
+
+
+def markdown_table(runs: list[dict[str, Any]]) -> str:
+  """The inpainting table of one or more eval_inpaint JSONs (one per prior), as markdown.
+
+  One row per mask and method; the baselines of a mask are shown once (they do not depend
+  on the prior), the prior's row is named by its objective.
+  """
+  lines = ['| mask | method | PSNR masked (dB) | LPIPS masked | FD-VGG |',
+           '|---|---|---:|---:|---:|']
+  masks = list(dict.fromkeys(k for run in runs for k, v in run.items()
+                             if isinstance(v, dict) and 'pixel_fraction' in v))
+  for spec in masks:
+    rows, seen = [], set()
+    for run in runs:
+      entry = run.get(spec)
+      if not entry:
+        continue
+      if 'prior' in entry:
+        rows.append((f'{run["objective"]} (step {run["step"]})', entry['prior']))
+      for method in METHODS[1:]:
+        if method in entry and method not in seen:
+          seen.add(method)
+          rows.append((method, entry[method]))
+    for name, s in rows:
+      lines.append(f'| {spec} | {name} | {s["psnr_masked"]:.2f} | {s["lpips_masked"]:.3f} | '
+                   f'{s["fd_vgg"]:.1f} |')
+  return '\n'.join(lines)
+
+
+if __name__ == '__main__':
+  import json  # pylint: disable=g-import-not-at-top
+  import sys  # pylint: disable=g-import-not-at-top
+  print(markdown_table([json.loads(open(p).read()) for p in sys.argv[1:]]))
