@@ -25,23 +25,39 @@ _CONFIG = config_flags.DEFINE_config_file(
     lock_config=True)
 _WORKDIR = flags.DEFINE_string('workdir', None, 'Directory for checkpoints, logs and images.')
 _MODE = flags.DEFINE_enum(
-    'mode', 'train', ['train', 'eval', 'reconstruct', 'encode', 'decode', 'sample'],
+    'mode', 'train', ['train', 'eval', 'reconstruct', 'encode', 'decode', 'sample', 'inpaint',
+                      'edit', 'sample_large', 'eval_inpaint'],
     'train: train (resuming from workdir). eval: evaluate the latest checkpoint on '
     'config.eval.dataset. Tokenizers: reconstruct: --dataset -> PNG grid (inputs above '
     'reconstructions) and per-image PSNR in --out. encode: --dataset -> .npz of token indices '
     'at --out (with the config hash and checkpoint step). decode: --tokens .npz -> PNG images '
-    'in --out. Token priors (gpt, maskgit): sample: --out/samples.png and samples.npz.')
+    'in --out. Token priors (gpt, maskgit): sample: --out/samples.png and samples.npz; '
+    'inpaint, edit, sample_large, eval_inpaint: editing (vq/generation/edit_cli.py).')
 _LABELS = flags.DEFINE_string('labels', None, 'sample: comma-separated class ids, e.g. 3,3,5 '
                               '(default: --num_samples class-balanced samples).')
 _NUM_SAMPLES = flags.DEFINE_integer('num_samples', None, 'sample: how many (default 8 per '
                                     'class).')
-_DATASET = flags.DEFINE_string('dataset', None, 'reconstruct/encode: dataset spec '
-                               '(tfds:NAME:SPLIT, npz:PATH, folder:PATH); default config.eval.dataset.')
-_OUT = flags.DEFINE_string('out', None, 'reconstruct/decode/sample: output folder; encode: '
-                           'output .npz.')
+_DATASET = flags.DEFINE_string('dataset', None, 'reconstruct/encode/inpaint/edit/eval_inpaint: '
+                               'dataset spec (tfds:NAME:SPLIT, npz:PATH, folder:PATH); default '
+                               'config.eval.dataset.')
+_OUT = flags.DEFINE_string('out', None, 'reconstruct/decode/sample and the editing modes: '
+                           'output folder; encode: output .npz.')
 _TOKENS = flags.DEFINE_string('tokens', None, 'decode: the .npz written by --mode=encode.')
 _MAX_IMAGES = flags.DEFINE_integer('max_images', None, 'reconstruct: images in the grid '
-                                   '(default 64); encode: first N images (default all).')
+                                   '(default 64); encode, eval_inpaint: first N images '
+                                   '(default all); inpaint, edit: first N (default 16).')
+_MASK = flags.DEFINE_string('mask', None, 'inpaint/edit: center, left|right|top|bottom, '
+                            'box:x0,y0,x1,y1, file:PATH.png or npz:PATH.npz; eval_inpaint: a '
+                            'comma-separated list (default center,right).')
+_SAMPLES_PER_IMAGE = flags.DEFINE_integer('samples_per_image', None, 'inpaint: completions '
+                                          'per image (default 1).')
+_TARGET_LABEL = flags.DEFINE_integer('target_label', None, 'edit: the class to turn images to.')
+_RATIOS = flags.DEFINE_string('ratios', None, 'edit: fractions of tokens to resample '
+                              '(default 0.25,0.5,0.75,1).')
+_TOKEN_GRID = flags.DEFINE_string('token_grid', None, 'sample_large: token rows,columns, '
+                                  'e.g. 16,16.')
+_FEATHER = flags.DEFINE_integer('feather', None, 'inpaint/edit/eval_inpaint: pixels of soft '
+                                'border outside the mask (default 2; 0: none).')
 _REINIT = flags.DEFINE_bool(
     'reinit_unusable_checkpoints', False,
     'If the workdir has checkpoints but none can be restored, move them aside '
@@ -150,7 +166,11 @@ def main(argv):
       from vq.generation import cli  # pylint: disable=g-import-not-at-top
       results = cli.run(config, _MODE.value, _WORKDIR.value, out=_OUT.value,
                         labels=_LABELS.value, num_samples=_NUM_SAMPLES.value,
-                        reinit_unusable_checkpoints=_REINIT.value)
+                        reinit_unusable_checkpoints=_REINIT.value, mask=_MASK.value,
+                        dataset=_DATASET.value, max_images=_MAX_IMAGES.value,
+                        samples_per_image=_SAMPLES_PER_IMAGE.value,
+                        target_label=_TARGET_LABEL.value, ratios=_RATIOS.value,
+                        token_grid=_TOKEN_GRID.value, feather=_FEATHER.value)
       if results is not None:
         print(json.dumps(results, indent=2, sort_keys=True, default=str))
     elif _MODE.value == 'train':
@@ -159,9 +179,10 @@ def main(argv):
     elif _MODE.value == 'eval':
       results = evaluator.evaluate(config, _WORKDIR.value)
       print(json.dumps(results, indent=2, sort_keys=True))
-    elif _MODE.value == 'sample':
-      raise ValueError(f'--mode=sample needs a token prior config (objective gpt or maskgit), '
-                       f'not {config.objective!r}; train one with experiments/gpt_cifar.py.')
+    elif _MODE.value in ('sample', 'inpaint', 'edit', 'sample_large', 'eval_inpaint'):
+      raise ValueError(f'--mode={_MODE.value} needs a token prior config (objective gpt or '
+                       f'maskgit), not {config.objective!r}; train one with '
+                       'experiments/gpt_cifar.py.')
     else:
       print(json.dumps(_tokenizer_mode(config), indent=2, sort_keys=True, default=str))
   except (config_validation.ConfigError, checkpointing.UnusableCheckpoints, ValueError,

@@ -16,6 +16,11 @@ Usage sketch::
 - `evaluation`: held-out bits/token, sample quality (fd_vgg, precision/recall, gfid,
   classifier metrics) and its references.
 - `validation`, `cli`: config checks; the `run.py` modes train, eval and sample.
+- `masks`, `editing`, `large`: editing with a prior: mask specs and their token regions,
+  inpainting/outpainting and class-guided image-to-image (`Editor`), grids larger than
+  the training grid (GPT sliding window, MaskGIT windows).
+- `edit_eval`, `edit_cli`: inpainting metrics and baselines; the `run.py` modes inpaint,
+  edit, sample_large and eval_inpaint.
 
 Imports: everything below it (`vq.core` ... `vq.inference`, `vq.training` for its step keys).
 """

@@ -1,4 +1,4 @@
-"""`run.py` modes for a token prior: train, eval and sample.
+"""`run.py` modes for a token prior: train, eval, sample, and the editing modes.
 
 Usage sketch::
 
@@ -13,6 +13,9 @@ first appear) and `samples.npz` (`images` uint8 [N, H, W, 3], `labels` int32 [N]
 int32 [N, h, w]); without `--labels` it draws `--num_samples` class-balanced samples
 (default 8 per class). Sampler settings are `config.sample.*` (e.g.
 `--config.sample.guidance=2`), the key is `config.sample.seed`.
+
+The editing modes (inpaint, edit, sample_large, eval_inpaint) live in
+`vq.generation.edit_cli`.
 """
 
 from __future__ import annotations
@@ -30,7 +33,7 @@ from vq.generation import priors
 from vq.generation import tokens as token_data
 from vq.generation import validation
 
-MODES = ('train', 'eval', 'sample')
+MODES = ('train', 'eval', 'sample', 'inpaint', 'edit', 'sample_large', 'eval_inpaint')
 
 
 def sample_to_dir(config: ml_collections.ConfigDict, workdir: str, out: str, *,
@@ -74,8 +77,12 @@ def sample_to_dir(config: ml_collections.ConfigDict, workdir: str, out: str, *,
 
 def run(config: ml_collections.ConfigDict, mode: str, workdir: str, *, out: str | None = None,
         labels: str | None = None, num_samples: int | None = None,
-        reinit_unusable_checkpoints: bool = False) -> dict[str, Any] | None:
-  """Runs `mode` for the prior of `config`; returns what run.py prints (None for train)."""
+        reinit_unusable_checkpoints: bool = False, **edit_flags) -> dict[str, Any] | None:
+  """Runs `mode` for the prior of `config`; returns what run.py prints (None for train).
+
+  `edit_flags` are the editing modes' flags (`vq.generation.edit_cli.run`): mask, dataset,
+  max_images, samples_per_image, target_label, ratios, token_grid, feather.
+  """
   if mode not in MODES:
     raise ValueError(f'--mode={mode} is for tokenizers; a {config.objective} prior takes '
                      f'--mode={"|".join(MODES)} (decode its samples with --mode=sample).')
@@ -89,6 +96,10 @@ def run(config: ml_collections.ConfigDict, mode: str, workdir: str, *, out: str 
   if mode == 'eval':
     from vq.generation import evaluation  # pylint: disable=g-import-not-at-top
     return evaluation.evaluate(config, workdir)
+  if mode != 'sample':
+    from vq.generation import edit_cli  # pylint: disable=g-import-not-at-top
+    return edit_cli.run(config, mode, workdir, out=out, labels=labels,
+                        num_samples=num_samples, **edit_flags)
   parsed = validation.parse_labels(labels) if labels else None
   return sample_to_dir(config, workdir, out, labels=parsed, num_samples=num_samples)
 
