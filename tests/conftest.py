@@ -10,6 +10,10 @@ _flags = os.environ.get("XLA_FLAGS", "")
 if "xla_force_host_platform_device_count" not in _flags:
   os.environ["XLA_FLAGS"] = (
       _flags + f" --xla_force_host_platform_device_count={NUM_TEST_DEVICES}").strip()
+# Tiny models compile far longer than they run: LLVM's optimisations off (XLA's own HLO
+# passes, fusion included, still run) take a quarter off the suite; run.py is unaffected.
+if "xla_backend_optimization_level" not in os.environ["XLA_FLAGS"]:
+  os.environ["XLA_FLAGS"] += " --xla_backend_optimization_level=0"
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 # 4 devices on 2 shared cores: a step's collectives may wait for a starved device longer
 # than XLA's default 60 s; vq's limits (vq/cpu/devices.py), as run.py sets them.

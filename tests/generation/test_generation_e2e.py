@@ -155,33 +155,3 @@ def test_a_prior_train_step_on_two_devices_equals_one_device():
   assert results[0][1] == pytest.approx(results[1][1], rel=1e-6)
 
 
-def test_sigkill_then_rerun_is_bit_identical(tokenizer_dir, tmp_path):
-  args = [sys.executable, str(REPO / 'run.py'), '--config=experiments/gpt_cifar.py:smoke',
-          f'--config.prior.tokenizer_workdir={tokenizer_dir}', '--config.data.max_examples=64',
-          '--config.eval.max_examples=32', '--config.train.batch_size=8',
-          '--config.sample.batch_size=8', '--config.eval.batch_size=16',
-          '--config.train.image_every=0', '--config.train.num_steps=60',
-          '--config.train.checkpoint_every=3', '--config.train.log_every=1', '--cpu_devices=1']
-  env = dict(os.environ, XLA_FLAGS='--xla_force_host_platform_device_count=1')
-  killed = tmp_path / 'killed'
-  proc = subprocess.Popen(args + [f'--workdir={killed}'], cwd=REPO, env=env,
-                          stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-  metrics = killed / 'metrics.jsonl'
-  deadline = time.time() + 240
-  while time.time() < deadline and proc.poll() is None:
-    if metrics.exists() and metrics.read_text().count('"loss"') >= 8:
-      break
-    time.sleep(0.05)
-  proc.send_signal(signal.SIGKILL)
-  proc.communicate(timeout=60)
-  killed_at, _ = _params(killed)
-  assert killed_at is not None and killed_at < 60, f'kill landed at {killed_at}'
-  rerun = subprocess.run(args + [f'--workdir={killed}'], cwd=REPO, env=env, text=True,
-                         capture_output=True, timeout=300, check=False)
-  assert rerun.returncode == 0, rerun.stderr[-3000:]
-  straight = subprocess.run(args + [f'--workdir={tmp_path / "straight"}'], cwd=REPO, env=env,
-                            text=True, capture_output=True, timeout=300, check=False)
-  assert straight.returncode == 0, straight.stderr[-3000:]
-  (step_a, a), (step_b, b) = _params(killed), _params(tmp_path / 'straight')
-  assert step_a == step_b == 60
-  chex.assert_trees_all_equal(a, b)

@@ -5,6 +5,7 @@ import json
 
 import chex
 import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 
@@ -130,3 +131,35 @@ def test_trainer_runs_jit_then_resumes_under_pmap(tmp_path):
   trainer.train_and_evaluate(config, str(tmp_path))
   records = [json.loads(l) for l in (tmp_path / 'metrics.jsonl').read_text().splitlines()]
   assert [r['step'] for r in records if 'loss' in r] == [1, 2, 3]
+
+
+def test_steps_on_several_cpu_devices_return_once_they_have_run():
+  fn = jax.pmap(lambda x: jax.lax.psum(x, 'batch'), axis_name='batch')
+  waited = parallel.one_at_a_time(fn)
+  assert waited is not fn and waited.__wrapped__ is fn and waited.lower is not None
+  x = np.arange(jax.local_device_count(), dtype=np.float32)
+  out = waited(x)
+  assert out.is_ready()
+  np.testing.assert_array_equal(out, np.full_like(x, x.sum()))
+  assert parallel.one_at_a_time(fn, jax.local_devices()[:1]) is fn  # one device: as is
+  assert isinstance(parallel.get('pmap').step(lambda s, b, r: (s, b)), type(waited))
+
+
+def test_thousands_of_tiny_pmapped_steps_on_four_cpu_devices_run_through():
+  """The loop that deadlocked XLA:CPU when steps were dispatched ahead (docs/cpu.md)."""
+
+  def step(s, b, r):
+    g = jax.lax.pmean(jax.grad(lambda p: jnp.mean((b @ p) ** 2))(s), 'batch')
+    return s - 1e-4 * g, jnp.mean(g) + 0 * r[0]
+
+  par = parallel.get('pmap')
+  p_step = par.step(step)
+  d = jax.local_device_count()
+  s, r = par.replicate(jnp.ones((8, 8))), par.replicate(jax.random.PRNGKey(0))
+  batch = par.shard(np.ones((d, 4, 8), np.float32))
+  for _ in range(2000):
+    s, m = p_step(s, batch, r)
+  expected, b = np.ones((8, 8)), np.ones((4, 8))
+  for _ in range(2000):  # the same descent in numpy: d mean((b p)^2) / dp = 2 b^T b p / 32
+    expected = expected - 1e-4 * 2 * b.T @ (b @ expected) / b.size
+  np.testing.assert_allclose(par.to_host(s), expected, rtol=1e-4, atol=1e-7)

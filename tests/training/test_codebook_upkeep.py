@@ -46,8 +46,6 @@ def _assert_devices_agree(p_state):
 UPKEEP = {
     'ema_kmeans_restart': {'quantizer.kind': 'ema', 'quantizer.init': 'kmeans',
                            'quantizer.restart_after': 1},
-    'vq_kmeans_restart': {'quantizer.kind': 'vq', 'quantizer.init': 'kmeans',
-                          'quantizer.restart_after': 1},
     'l2_lowdim_restart': {'quantizer.kind': 'vq', 'quantizer.lookup_dim': 4,
                           'quantizer.l2_normalize': True, 'quantizer.restart_after': 1},
 }

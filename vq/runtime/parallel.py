@@ -28,6 +28,16 @@ per process; under 'jit' the processes' slices form one global array
 `[all_devices, per_device, ...]` (process-major, as `data.train_batches` orders rows), and
 the step sees `[per_device, ...]` on each device exactly as under pmap.
 
+On several CPU devices every mapped step returns only once it has run (`one_at_a_time`).
+With steps dispatched ahead, XLA:CPU (jaxlib 0.10.2) can deadlock: a later step's launch on
+one device holds that device's execution slot while it waits for the earlier step's output,
+and the earlier step's launch on that device waits for the slot while the other devices
+wait for it in an all-reduce (gdb: `Semaphore::ScopedAcquire` in
+`CpuPjRtRawLoadedExecutable::Execute` against `InProcessCommunicator::AllReduce`; a loop of
+250 tiny pmapped steps on 4 CPU devices hung this way on a busy 2-core machine). The input
+pipeline still prepares the next batch in its own thread, so a step waits only for itself.
+GPU and TPU steps, and one CPU device, dispatch ahead as usual.
+
 Module-level `pmap_train_step`, `replicate`, `shard`, `unreplicate` and `to_host` are the
 'pmap' implementation, kept for callers that predate `get`.
 """
@@ -51,16 +61,34 @@ def local_device_count() -> int:
   return jax.local_device_count()
 
 
+def one_at_a_time(fn: Callable, devices: Sequence[jax.Device] | None = None) -> Callable:
+  """`fn`, waiting for its outputs when `devices` are several CPU devices (module docstring).
+
+  Elsewhere `fn` itself is returned, unchanged. The wrapper keeps `fn.lower`.
+  """
+  devices = list(devices) if devices is not None else jax.local_devices()
+  if len(devices) < 2 or any(d.platform != 'cpu' for d in devices):
+    return fn
+
+  def call(*args, **kwargs):
+    return jax.block_until_ready(fn(*args, **kwargs))
+
+  call.lower = getattr(fn, 'lower', None)
+  call.__wrapped__ = fn
+  return call
+
+
 # --- pmap --------------------------------------------------------------------------------
 
 
 def pmap_train_step(step_fn: Callable, devices=None) -> Callable:
   """pmap over 'batch' (all local devices by default), donating the state (argument 0)."""
-  return jax.pmap(step_fn, axis_name=AXIS, donate_argnums=(0,), devices=devices)
+  return one_at_a_time(
+      jax.pmap(step_fn, axis_name=AXIS, donate_argnums=(0,), devices=devices), devices)
 
 
 def pmap_eval_step(eval_fn: Callable, devices=None) -> Callable:
-  return jax.pmap(eval_fn, axis_name=AXIS, devices=devices)
+  return one_at_a_time(jax.pmap(eval_fn, axis_name=AXIS, devices=devices), devices)
 
 
 def _stacked_sharding(devices) -> NamedSharding:
@@ -165,7 +193,9 @@ class JitParallel:
   def _map(self, fn: Callable, in_specs: tuple, donate: tuple[int, ...]) -> Callable:
     mapped = jax.shard_map(fn, mesh=self.mesh, in_specs=in_specs, out_specs=P(),
                            check_vma=False)  # pmap semantics; see the module docstring
-    return jax.jit(mapped, donate_argnums=donate)
+    return one_at_a_time(jax.jit(mapped, donate_argnums=donate),
+                         [d for d in self.mesh.devices.flat if d.process_index ==
+                          jax.process_index()])
 
   def step(self, step_fn: Callable) -> Callable:
     def per_device(state, batch, rng):
