@@ -12,6 +12,7 @@ import chex
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 import pytest
 
 from experiments import gpt_cifar
@@ -138,6 +139,10 @@ def test_a_prior_train_step_on_two_devices_equals_one_device():
   config = gpt_cifar.get_config('smoke')
   model = priors.build_model('gpt', layout, width=32, depth=1, num_heads=4)
   state = gen_lib.create_state(config, model, layout, jax.random.PRNGKey(0))
+  # Plain SGD: the update is the gradient itself. (Adam's first step is lr * sign(g), which
+  # flips on gradients within rounding of 0 when two devices sum in another order.)
+  tx = optax.sgd(1.0)
+  state = state.replace(tx=tx, opt_state=tx.init(state.params))
   rng = np.random.default_rng(0)
   batch = {'tokens': rng.integers(0, 16, (8, 4)).astype(np.int32),
            'label': rng.integers(0, 3, (8,)).astype(np.int32)}
@@ -154,4 +159,35 @@ def test_a_prior_train_step_on_two_devices_equals_one_device():
   chex.assert_trees_all_close(results[0][0], results[1][0], atol=1e-6, rtol=1e-5)
   assert results[0][1] == pytest.approx(results[1][1], rel=1e-6)
 
+
+def test_sigkill_then_rerun_is_bit_identical(tokenizer_dir, tmp_path):
+  args = [sys.executable, str(REPO / 'run.py'), '--config=experiments/gpt_cifar.py:smoke',
+          f'--config.prior.tokenizer_workdir={tokenizer_dir}', '--config.data.max_examples=64',
+          '--config.eval.max_examples=32', '--config.train.batch_size=8',
+          '--config.sample.batch_size=8', '--config.eval.batch_size=16',
+          '--config.train.image_every=0', '--config.train.num_steps=20',
+          '--config.train.checkpoint_every=3', '--config.train.log_every=1', '--cpu_devices=1']
+  env = dict(os.environ, XLA_FLAGS='--xla_force_host_platform_device_count=1')
+  killed = tmp_path / 'killed'
+  proc = subprocess.Popen(args + [f'--workdir={killed}'], cwd=REPO, env=env,
+                          stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+  metrics = killed / 'metrics.jsonl'
+  deadline = time.time() + 240
+  while time.time() < deadline and proc.poll() is None:
+    if metrics.exists() and metrics.read_text().count('"loss"') >= 6:
+      break
+    time.sleep(0.05)
+  proc.send_signal(signal.SIGKILL)
+  proc.communicate(timeout=60)
+  killed_at, _ = _params(killed)
+  assert killed_at is not None and killed_at < 20, f'kill landed at {killed_at}'
+  rerun = subprocess.run(args + [f'--workdir={killed}'], cwd=REPO, env=env, text=True,
+                         capture_output=True, timeout=300, check=False)
+  assert rerun.returncode == 0, rerun.stderr[-3000:]
+  straight = subprocess.run(args + [f'--workdir={tmp_path / "straight"}'], cwd=REPO, env=env,
+                            text=True, capture_output=True, timeout=300, check=False)
+  assert straight.returncode == 0, straight.stderr[-3000:]
+  (step_a, a), (step_b, b) = _params(killed), _params(tmp_path / 'straight')
+  assert step_a == step_b == 20
+  chex.assert_trees_all_equal(a, b)
 

@@ -182,7 +182,7 @@ def make_probe_step(config: ml_collections.ConfigDict, grid: int) -> Callable:
 
 def _run_pass(name: str, p_step: Callable, replicated: tuple, source: data.ImageSource,
               batch_size: int, consume: Callable[[dict[str, np.ndarray]], None]) -> Any:
-  """Streams `source` through `p_step`; returns the summed metrics (on device).
+  """Streams `source` through `p_step`; returns the summed metrics (numpy).
 
   Each batch's gathered rows reach `consume` as host arrays one batch late, so the device
   works on batch i + 1 while the host accumulates batch i.
@@ -195,16 +195,19 @@ def _run_pass(name: str, p_step: Callable, replicated: tuple, source: data.Image
       source, global_batch_size=batch_size, num_local_devices=num_devices,
       process_index=jax.process_index(), process_count=jax.process_count())):
     sums, gathered = p_step(*replicated, parallel.shard(batch))
-    totals = sums if totals is None else jax.tree.map(jnp.add, totals, sums)
+    # Summed on the host: adding stacked arrays is a program on every device, which on
+    # several CPU devices can deadlock (vq/runtime/parallel.py).
+    sums = parallel.to_host(sums)
+    totals = sums if totals is None else jax.tree.map(np.add, totals, sums)
     if pending is not None:
-      consume(jax.tree.map(lambda v: np.asarray(v[0]), pending))
+      consume(parallel.to_host(pending))
     pending = gathered
     if (i + 1) % max(1, n_batches // 10) == 0 or i + 1 == n_batches:
       rate = (i + 1) * batch_size / (time.perf_counter() - start)
       logging.info('eval %s: batch %d/%d (%.0f images/s, ETA %.0f s)', name, i + 1, n_batches,
                    rate, (n_batches - i - 1) * batch_size / max(rate, 1e-9))
   if pending is not None:
-    consume(jax.tree.map(lambda v: np.asarray(v[0]), pending))
+    consume(parallel.to_host(pending))
   return totals
 
 
@@ -363,7 +366,6 @@ def evaluate_params(config: ml_collections.ConfigDict, params: Any, vq_stats: An
   totals = _run_pass('metrics', p_eval,
                      replicated + parallel.replicate((lpips_params if with_lpips else {},)),
                      source, config.eval.batch_size, consume)
-  totals = jax.device_get(parallel.unreplicate(totals))
   n = float(totals['num_examples'])
   counts = np.asarray(totals['code_counts'])
   results = {

@@ -93,7 +93,7 @@ def held_out_bits(config: ml_collections.ConfigDict, model, layout: priors.Token
   for batch in token_data.eval_batches(split, global_batch_size=b, num_local_devices=d):
     batch['index'] = (start + np.arange(b)).reshape(d, b // d).astype(np.int32)
     start += b
-    sums = jax.device_get(par.unreplicate(fn(p_params, par.shard(batch))))
+    sums = par.to_host(fn(p_params, par.shard(batch)))
     nats += float(sums['nats'])
     count += float(sums['count'])
   bits = nats / max(count, 1.0) / math.log(2)

@@ -165,7 +165,7 @@ def run(spec: Loop, *, p_state: Any, p_rng: Any, batches: Iterator[Any], start_s
     nonlocal window, window_steps, window_start, window_first_step, last
     if not window:
       return
-    host = jax.device_get([par.unreplicate(m) for m in window])
+    host = [par.to_host(m) for m in window]
     elapsed = time.perf_counter() - window_start
     bad = [k for k in spec.finite_keys
            if k in host[0] and not all(np.isfinite(m[k]) for m in host)]

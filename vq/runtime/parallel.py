@@ -34,7 +34,8 @@ one device holds that device's execution slot while it waits for the earlier ste
 and the earlier step's launch on that device waits for the slot while the other devices
 wait for it in an all-reduce (gdb: `Semaphore::ScopedAcquire` in
 `CpuPjRtRawLoadedExecutable::Execute` against `InProcessCommunicator::AllReduce`; a loop of
-250 tiny pmapped steps on 4 CPU devices hung this way on a busy 2-core machine). The input
+250 tiny pmapped steps on 4 CPU devices hung this way on a busy 2-core machine; so did a
+`tree_map` of `x[0]` over a stacked state, each a program on every device). The input
 pipeline still prepares the next batch in its own thread, so a step waits only for itself.
 GPU and TPU steps, and one CPU device, dispatch ahead as usual.
 
@@ -113,13 +114,24 @@ def shard(batch: PyTree, devices=None) -> PyTree:
   return jax.tree.map(lambda x: jax.device_put(x, sharding), batch)
 
 
+def _first_block(x):
+  """The first device's block [1, ...] of a stacked leaf, without a multi-device program.
+
+  Indexing the stacked array (`x[0]`) would run a program on every device holding it, and
+  on several CPU devices chains of those deadlock like steps dispatched ahead (module
+  docstring); the block is already on its device.
+  """
+  return x.addressable_data(0) if isinstance(x, jax.Array) else np.asarray(x)[:1]
+
+
 def unreplicate(tree: PyTree) -> PyTree:
   """The first device's copy of every leaf (they are equal after a pmapped step)."""
-  return jax.tree.map(lambda x: x[0], tree)
+  return jax.tree.map(lambda x: _first_block(x)[0], tree)
 
 
 def to_host(tree: PyTree) -> PyTree:
-  return jax.device_get(unreplicate(tree))
+  """The first device's copy of every leaf, as numpy (copied, never computed on device)."""
+  return jax.tree.map(lambda x: np.asarray(_first_block(x))[0], tree)
 
 
 # --- The interface both implementations offer -------------------------------------------
