@@ -7,6 +7,7 @@ import re
 
 import nbclient
 import nbformat
+import pytest
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 NOTEBOOK = REPO / 'notebooks' / 'vq_colab.ipynb'
@@ -31,6 +32,7 @@ def _cell_printing(nb, needle: str):
   return cells[0]
 
 
+@pytest.mark.slow
 def test_notebook_runs_end_to_end_in_ci_mode(tmp_path, monkeypatch):
   # The kernel inherits os.environ: CI mode, one CPU device, the offline tfds copy.
   monkeypatch.setenv('VQ_NOTEBOOK_CI', '1')

@@ -141,6 +141,7 @@ class TrainStepBenchmarkTest(absltest.TestCase):
     self.assertLen(lines, 1)
     return json.loads(lines[0])
 
+  @pytest.mark.slow
   def test_flops_only_matches_the_timed_run_and_scales_with_the_batch(self):
     config = '--config=experiments/vqvae_cifar.py:smoke'
     timed = self._run(config, '--steps=1', '--warmup=0', '--parallel=jit')

@@ -160,6 +160,7 @@ def test_a_prior_train_step_on_two_devices_equals_one_device():
   assert results[0][1] == pytest.approx(results[1][1], rel=1e-6)
 
 
+@pytest.mark.slow
 def test_sigkill_then_rerun_is_bit_identical(tokenizer_dir, tmp_path):
   args = [sys.executable, str(REPO / 'run.py'), '--config=experiments/gpt_cifar.py:smoke',
           f'--config.prior.tokenizer_workdir={tokenizer_dir}', '--config.data.max_examples=64',

@@ -24,6 +24,7 @@ from vq.runtime import distributed
 from vq.runtime import loop
 
 
+
 _WORKER = pathlib.Path(__file__).with_name('multiprocess_worker.py')
 _TIMEOUT_S = 240
 
@@ -68,6 +69,7 @@ def _load(path: pathlib.Path) -> dict[str, np.ndarray]:
     return {k: f[k] for k in f.files}
 
 
+@pytest.mark.slow  # several processes
 def test_two_processes_equal_each_other_and_one_process(tmp_path):
   port = _free_port()
   shared = tmp_path / 'two_processes'  # one workdir, as on a shared filesystem
@@ -113,6 +115,7 @@ def test_two_processes_equal_each_other_and_one_process(tmp_path):
                 if p.name.isdigit()) == [3, 4]
 
 
+@pytest.mark.slow  # several processes
 def test_stop_signal_on_one_process_stops_both_at_the_same_step(tmp_path):
   port = _free_port()
   shared = tmp_path / 'shared'

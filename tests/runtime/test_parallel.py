@@ -59,7 +59,8 @@ def _images(steps_, n=16):
   return [rng.uniform(-1, 1, (n, 32, 32, 3)).astype(np.float32) for _ in range(steps_)]
 
 
-@pytest.mark.parametrize('make_config', [_vqvae, _vqgan], ids=['vqvae', 'vqgan'])
+@pytest.mark.parametrize('make_config', [_vqvae, pytest.param(_vqgan, marks=pytest.mark.slow)],
+                         ids=['vqvae', 'vqgan'])
 def test_jit_step_equals_pmap_step(make_config):
   assert jax.local_device_count() >= 2, (
       'parallel tests need >= 2 CPU devices; tests/conftest.py forces them via XLA_FLAGS')

@@ -8,6 +8,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+import pytest
 
 from experiments import vqgan_cifar
 from vq.config import builders
@@ -255,6 +256,7 @@ def test_nonsaturating_lecam_r1_and_weight_ema_equal_their_formulas():
                          state.params['decoder']['conv_out']['kernel'])
 
 
+@pytest.mark.slow
 def test_vqgan_smoke_with_lpips_trains_two_steps_then_resumes(tmp_path):
   from vq.runtime import checkpointing  # pylint: disable=g-import-not-at-top
   from vq.training import trainer  # pylint: disable=g-import-not-at-top
