@@ -155,6 +155,7 @@ class TrainStepBenchmarkTest(absltest.TestCase):
     ratio = doubled['flops_per_device_step'] / counted['flops_per_device_step']
     self.assertAlmostEqual(ratio, 2.0, delta=0.05)
 
+  @pytest.mark.slow
   def test_vqgan_flops_with_random_lpips_weights(self):
     out = self._run('--config=experiments/vqgan_cifar.py:smoke', '--flops_only',
                     '--lpips=random')

@@ -108,7 +108,7 @@ class _TwoDevicePmap(parallel.PmapParallel):
     return parallel.shard(batch, self.devices)
 
 
-@pytest.mark.parametrize('kind', ['vq', 'ema'])
+@pytest.mark.parametrize('kind', ['vq', pytest.param('ema', marks=pytest.mark.slow)])
 def test_gated_upkeep_equals_ungated_rule_bit_for_bit(kind, monkeypatch):
   config = _smoke(**{'quantizer.kind': kind, **GATED})
   images = _images(3)

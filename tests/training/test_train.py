@@ -231,7 +231,7 @@ def test_eval_without_checkpoint_says_train_first(tmp_path):
 
 
 
-@pytest.mark.parametrize('kind', ['ema', 'vq'])
+@pytest.mark.parametrize('kind', ['ema', pytest.param('vq', marks=pytest.mark.slow)])
 def test_bfloat16_compute_keeps_float32_state_and_losses(kind):
   config = _smoke(**{'model.dtype': 'bfloat16', 'quantizer.kind': kind})
   rng = np.random.default_rng(0)
