@@ -11,6 +11,8 @@ the value seen, the rule, and how to fix it.
 
 from __future__ import annotations
 
+from typing import Sequence
+
 import ml_collections
 
 from vq import data
@@ -138,21 +140,9 @@ def validate(config: ml_collections.ConfigDict, *, num_devices: int,
           f'is not divisible by the encoder downsampling factor {factor} of arch '
           f'{c.model.arch!r}', f'use a multiple of {factor} or change model.ch_mult')
 
-  # Devices.
-  total = num_devices * process_count
-  for field in ('train.batch_size', 'eval.batch_size'):
-    value = _get(c, field)
-    if value % total:
-      _fail(field, value, f'is not divisible by the {total} devices ({num_devices} local x '
-            f'{process_count} processes)',
-            f'use a multiple of {total}, e.g. {max(total, value // total * total)}')
-
-  # Datasets: the spec form only (whether the data exists is checked when it is opened).
-  for field in ('data.dataset', 'eval.dataset'):
-    try:
-      data.parse_spec(_get(c, field))
-    except ValueError as e:
-      raise ConfigError(f'config.{field}: {e}') from None
+  check_batches_divide(c, ('train.batch_size', 'eval.batch_size'), num_devices,
+                       process_count)
+  check_dataset_specs(c, ('data.dataset', 'eval.dataset'))
 
   # GAN.
   if c.objective == 'vqgan':
@@ -225,3 +215,24 @@ def validate_eval_size(config: ml_collections.ConfigDict, num_examples: int) -> 
     _fail('eval.batch_size', config.eval.batch_size,
           f'is larger than the {n} examples evaluated from {config.eval.dataset!r}',
           'use a batch size at most that (and divisible by the device count)')
+
+
+def check_batches_divide(c: ml_collections.ConfigDict, fields: Sequence[str],
+                         num_devices: int, process_count: int) -> None:
+  """Each batch-size field divides over all devices of all processes."""
+  total = num_devices * process_count
+  for field in fields:
+    value = _get(c, field)
+    if value % total:
+      _fail(field, value, f'is not divisible by the {total} devices ({num_devices} local x '
+            f'{process_count} processes)',
+            f'use a multiple of {total}, e.g. {max(total, value // total * total)}')
+
+
+def check_dataset_specs(c: ml_collections.ConfigDict, fields: Sequence[str]) -> None:
+  """The spec form only (whether the data exists is checked when it is opened)."""
+  for field in fields:
+    try:
+      data.parse_spec(_get(c, field))
+    except ValueError as e:
+      raise ConfigError(f'config.{field}: {e}') from None

@@ -45,12 +45,6 @@ from vq.generation import priors
 from vq.generation import sampling
 from vq.generation import transformer
 
-# The samplers' guidance helpers: one definition of how unconditional rows join a batch.
-_with_uncond = sampling._with_uncond  # pylint: disable=protected-access
-_combine = sampling._combine  # pylint: disable=protected-access
-_categorical = sampling._categorical  # pylint: disable=protected-access
-
-
 def complete_gpt(model: transformer.Transformer, params: Any, layout: priors.TokenLayout,
                  labels: jax.Array, keys: jax.Array, settings: sampling.Settings,
                  tokens: jax.Array, known: jax.Array) -> jax.Array:
@@ -61,25 +55,7 @@ def complete_gpt(model: transformer.Transformer, params: Any, layout: priors.Tok
   nothing known it returns exactly `sample_gpt`'s grids). Only for known positions that
   precede every unknown one is this conditional sampling (`masks.check_completable`).
   """
-  labels = jnp.asarray(labels, jnp.int32)
-  b = labels.shape[0]
-  decoder = model.clone(decode=True)
-  first, copies = _with_uncond(layout, labels, settings.guidance)
-  cache = transformer.init_cache(decoder, b * copies)
-
-  def body(i, carry):
-    cache, out, previous = carry
-    logits, updates = decoder.apply({'params': params, 'cache': cache}, previous[:, None],
-                                    mutable=['cache'])
-    logits = _combine(logits[:, 0], copies, settings.guidance) / settings.temperature
-    logits = sampling.filter_logits(logits, settings.top_k, settings.top_p)
-    step_keys = jax.vmap(lambda k: jax.random.fold_in(k, i))(keys)
-    token = jnp.where(known[:, i], tokens[:, i], _categorical(step_keys, logits))
-    return updates['cache'], out.at[:, i].set(token), jnp.tile(token, copies)
-
-  out = jnp.zeros((b, layout.length), jnp.int32)
-  _, out, _ = jax.lax.fori_loop(0, layout.length, body, (cache, out, first))
-  return out
+  return sampling.sample_gpt(model, params, layout, labels, keys, settings, tokens, known)
 
 
 def complete_tokens(kind: str, model, params, layout: priors.TokenLayout, labels: jax.Array,

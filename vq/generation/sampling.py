@@ -113,32 +113,36 @@ def _combine(logits: jax.Array, copies: int, guidance: float) -> jax.Array:
 
 
 def sample_gpt(model: transformer.Transformer, params: Any, layout: priors.TokenLayout,
-               labels: jax.Array, keys: jax.Array, settings: Settings = Settings()
+               labels: jax.Array, keys: jax.Array, settings: Settings = Settings(),
+               tokens: jax.Array | None = None, known: jax.Array | None = None
                ) -> jax.Array:
   """L tokens per row by KV-cached decoding in raster order; int32 [B, L].
 
-  `keys` holds one PRNG key per row (`row_keys`).
+  `keys` holds one PRNG key per row (`row_keys`). With `tokens` and `known` (bool [B, L]),
+  position i takes tokens[:, i] where known[:, i] and a draw otherwise, with the same keys
+  (editing's raster-suffix completion); without them nothing is known.
   """
   labels = jnp.asarray(labels, jnp.int32)
+  given = jnp.zeros((labels.shape[0], layout.length), jnp.int32) if tokens is None else tokens
+  known = jnp.zeros(given.shape, bool) if known is None else known
   b = labels.shape[0]
   decoder = model.clone(decode=True)
   first, copies = _with_uncond(layout, labels, settings.guidance)
   cache = transformer.init_cache(decoder, b * copies)
 
   def body(i, carry):
-    cache, tokens, previous = carry
+    cache, out, previous = carry
     logits, updates = decoder.apply({'params': params, 'cache': cache}, previous[:, None],
                                     mutable=['cache'])
     logits = _combine(logits[:, 0], copies, settings.guidance) / settings.temperature
     logits = filter_logits(logits, settings.top_k, settings.top_p)
     step_keys = jax.vmap(lambda k: jax.random.fold_in(k, i))(keys)
-    token = _categorical(step_keys, logits)
-    tokens = tokens.at[:, i].set(token)
-    return updates['cache'], tokens, jnp.tile(token, copies)
+    token = jnp.where(known[:, i], given[:, i], _categorical(step_keys, logits))
+    return updates['cache'], out.at[:, i].set(token), jnp.tile(token, copies)
 
-  tokens = jnp.zeros((b, layout.length), jnp.int32)
-  _, tokens, _ = jax.lax.fori_loop(0, layout.length, body, (cache, tokens, first))
-  return tokens
+  out = jnp.zeros((b, layout.length), jnp.int32)
+  _, out, _ = jax.lax.fori_loop(0, layout.length, body, (cache, out, first))
+  return out
 
 
 def maskgit_num_masked(num_start: jax.Array, unknown: jax.Array, t: jax.Array,

@@ -16,7 +16,6 @@ from typing import Any, Sequence
 import ml_collections
 import numpy as np
 
-from vq import data
 from vq.config import validation as base
 from vq.generation import priors
 
@@ -81,18 +80,9 @@ def validate(config: ml_collections.ConfigDict, *, num_devices: int,
     _fail('sample.guidance', c.sample.guidance,
           'needs a class-conditional prior (data.num_classes=0)',
           'leave sample.guidance at 1.0 for an unconditional prior')
-  total = num_devices * process_count
-  for field in ('train.batch_size', 'eval.batch_size', 'sample.batch_size'):
-    value = _get(c, field)
-    if value % total:
-      _fail(field, value, f'is not divisible by the {total} devices ({num_devices} '
-            f'local x {process_count} processes)',
-            f'use a multiple of {total}, e.g. {max(total, value // total * total)}')
-  for field in ('data.dataset', 'eval.dataset'):
-    try:
-      data.parse_spec(_get(c, field))
-    except ValueError as e:
-      raise ConfigError(f'config.{field}: {e}') from None
+  base.check_batches_divide(c, ('train.batch_size', 'eval.batch_size', 'sample.batch_size'),
+                            num_devices, process_count)
+  base.check_dataset_specs(c, ('data.dataset', 'eval.dataset'))
 
 
 def check_token_space(config: ml_collections.ConfigDict, grid: Sequence[int]) -> None:
