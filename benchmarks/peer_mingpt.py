@@ -3,6 +3,7 @@ r"""Class-conditional GPT token prior: taming-transformers' minGPT (PyTorch) as 
   /tmp/venv-bench/bin/python -m benchmarks.peer_mingpt \
       --train_tokens=/tmp/vq-runs/tokens_train.npz --test_tokens=/tmp/vq-runs/tokens_test.npz
   /tmp/venv-bench/bin/python -m benchmarks.peer_mingpt --steps=50 ...   # throughput only
+  ... --sides=vq                                                          # vq alone
 
 Needs the bench venv of requirements-bench.txt (PyTorch, taming-transformers); torch is
 imported only in the peer's own process. Token files, sequences, batches, the unigram
@@ -22,13 +23,16 @@ The peer is taming's `taming.modules.transformer.mingpt.GPT` as taming's
   `transformers.top_k_top_p_filtering` at module level for top-k alone, so the peer imports
   it beside a stand-in `transformers` that refuses to be called.
 
+vq's side (benchmarks/vq_prior_side.py) is vq's GPT as run.py trains and samples it, at
+the same size, on the same batches, with the same optimizer settings; each of its sampling
+calls also times vq's MaskGIT sampler of the same size (`maskgit_*` in its figures).
+
 JSON lines on stdout: one per side and round ("event": "train": the round's loss in bits and
 tokens/s), then one "event": "result" line with the run's settings, `unigram_bits_per_token`,
-`wall_s` (loading included) and, under each side's name (here "peer"), the figures listed
-in benchmarks/token_prior.py. The peer runs in a process of its own (`PeerProcess`), with its
-own threads (`torch.set_num_threads(--threads)`) and peak RSS. Another side (vq's GPT) goes
-into `sides` in `_run` beside it, with the methods of `token_prior.Side`, and gets its own
-key in the result.
+`wall_s` (loading included), under each side's name ("vq", "peer") the figures listed in
+benchmarks/token_prior.py, and the ratios vq / peer (`ratios`). Each side runs in a process
+of its own (`ProcessSide`) with its own threads (the peer: `torch.set_num_threads(--threads)`;
+vq: run.py's CPU device plan) and peak RSS; rounds alternate which side goes first.
 """
 
 from __future__ import annotations
@@ -36,9 +40,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
-import multiprocessing
 import os
-import resource
 import sys
 import time
 import types
@@ -46,8 +48,11 @@ from typing import Any
 
 import numpy as np
 
+from benchmarks import peer_process
 from benchmarks import token_prior
+from benchmarks import vq_prior_side
 from benchmarks.token_prior import GPTSpec
+from vq.cpu import host_memory
 
 _INSTALL = ('the peer needs PyTorch and taming-transformers in a separate venv: python3 -m venv '
             '/tmp/venv-bench && /tmp/venv-bench/bin/pip install -r requirements.txt -r '
@@ -100,7 +105,7 @@ def _taming_param_groups(gpt, weight_decay: float) -> list[dict[str, Any]]:
 
 
 class MinGPTPeer:
-  """taming's minGPT trained as taming's Net2NetTransformer trains it (a `Side`).
+  """taming's minGPT trained as taming's Net2NetTransformer trains it (a side, run by `ProcessSide`).
 
   Args:
     spec: the prior's size, optimizer and vocabulary.
@@ -181,94 +186,41 @@ class MinGPTPeer:
     self.model.train()
     return {'tokens': out.numpy().astype(np.int32), 'seconds': seconds}
 
-  def close(self) -> float:
-    return _peak_rss_mb()
 
+class ProcessSide:
+  """A side built and run in a process of its own (`peer_process.PeerProcess`), as a
+  `token_prior.Side`: its threads, malloc and peak RSS stay its own. `train` sends a whole
+  round of steps per call and the child times them; `describe` is asked at the end, so it
+  can report what the side measured along the way."""
 
-def _peak_rss_mb() -> float:
-  """This process's peak RSS (VmHWM: a spawned child's ru_maxrss keeps its parent's peak)."""
-  try:
-    with open('/proc/self/status') as f:
-      for line in f:
-        if line.startswith('VmHWM:'):
-          return int(line.split()[1]) / 1024
-  except OSError:
-    pass
-  return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-
-
-def _serve(conn, kwargs: dict[str, Any]) -> None:
-  """PeerProcess's child: builds the peer, then runs each (method, args) it is sent."""
-  peer = MinGPTPeer(**kwargs)
-  conn.send('ready')
-  while (msg := conn.recv()) is not None:
-    name, args = msg
-    conn.send(getattr(peer, name)(*args))
-
-
-class PeerProcess:
-  """`MinGPTPeer` in a process of its own (multiprocessing 'spawn'), called over a pipe.
-
-  Its threads, malloc and peak RSS stay its own. A call's round trip adds well under a
-  millisecond; `train` sends a whole round of steps per call and times them in the child.
-
-  Args: as `MinGPTPeer`; `environ`: the child's environment (default: this process's).
-  """
-
-  def __init__(self, spec: GPTSpec, train_seq: np.ndarray, test_seq: np.ndarray, *,
-               seed: int = 0, num_threads: int = 2, eval_batch: int = 500,
-               environ: dict[str, str] | None = None):
-    ctx = multiprocessing.get_context('spawn')
-    self._conn, child_conn = ctx.Pipe()
-    kwargs = dict(spec=spec, train_seq=train_seq, test_seq=test_seq, seed=seed,
-                  num_threads=num_threads, eval_batch=eval_batch)
-    self._process = ctx.Process(target=_serve, args=(child_conn, kwargs), daemon=True)
-    saved = dict(os.environ)
-    try:  # a spawned child inherits os.environ as it is at start()
-      if environ is not None:
-        os.environ.clear()
-        os.environ.update(environ)
-      self._process.start()
-    finally:
-      os.environ.clear()
-      os.environ.update(saved)
-    child_conn.close()
-    self._recv()
-    self._num_params = self._call('num_params')
-    self._describe = self._call('describe')
-
-  def _recv(self):
-    try:
-      return self._conn.recv()
-    except EOFError:
-      self._process.join(timeout=10)
-      raise RuntimeError(f'the peer process exited (code {self._process.exitcode}); its '
-                         'traceback is above on stderr.') from None
-
-  def _call(self, name: str, *args):
-    self._conn.send((name, args))
-    return self._recv()
+  def __init__(self, factory, *args, environ: dict[str, str] | None = None, **kwargs):
+    self._proc = peer_process.PeerProcess(factory, *args, environ=environ, **kwargs)
 
   def num_params(self) -> int:
-    return self._num_params
+    return self._proc.num_params()
 
   def describe(self) -> dict[str, Any]:
-    return self._describe
+    return self._proc.call('describe')
 
   def train(self, rows: np.ndarray) -> dict[str, list[float]]:
-    return self._call('train', rows)
+    return self._proc.call('train', rows)
 
   def bits_per_token(self) -> float:
-    return self._call('bits_per_token')
+    return self._proc.call('bits_per_token')
 
   def sample(self, class_tokens: np.ndarray, temperature: float, seed: int) -> dict[str, Any]:
-    return self._call('sample', class_tokens, temperature, seed)
+    return self._proc.call('sample', class_tokens, temperature, seed)
 
   def close(self) -> float:
-    peak = self._call('close')
-    self._conn.send(None)
-    self._process.join(timeout=30)
-    return peak
+    return self._proc.close()
+
+
+def _vq_environ(huge_pages: bool) -> dict[str, str]:
+  """vq's child environment: with the malloc tunable where run.py would restart with it."""
+  if huge_pages and host_memory.restart_reason(os.environ, host_memory.glibc_version(),
+                                               host_memory.thp_mode()) is None:
+    return host_memory.with_tunable(os.environ)
+  return dict(os.environ)
 
 
 def _main(argv) -> None:
@@ -300,8 +252,20 @@ def _run() -> None:
   test_seq = token_prior.sequences(test, num_classes)
   unigram = token_prior.unigram_bits_per_token(train.tokens, test.tokens, spec.num_codes)
   schedule = token_prior.batch_schedule(len(train_seq), f.steps, spec.batch_size, f.seed)
-  sides = {'peer': PeerProcess(spec, train_seq, test_seq, seed=f.seed, num_threads=f.threads,
-                               eval_batch=f.eval_batch)}
+  sides = {}
+  for name in f.sides:
+    if name == 'vq':
+      sides['vq'] = ProcessSide(
+          vq_prior_side.VqGPTSide, spec, train_seq, test_seq, grid=train.tokens.shape[1:],
+          seed=f.seed, class_dropout=f.vq_class_dropout, eval_batch=f.eval_batch,
+          maskgit_iterations=f.maskgit_iterations, cpu_devices=f.vq_cpu_devices,
+          environ=_vq_environ(f.vq_huge_pages))
+    elif name == 'peer':
+      sides['peer'] = ProcessSide(MinGPTPeer, spec, train_seq, test_seq, seed=f.seed,
+                                  num_threads=f.threads, eval_batch=f.eval_batch,
+                                  environ=host_memory.without_tunable(os.environ))
+    else:
+      raise ValueError(f"--sides has {name!r}; use 'vq' and/or 'peer'.")
 
   def emit(record):
     print(json.dumps(record), flush=True)
@@ -314,6 +278,17 @@ def _run() -> None:
     if f.samples_out:
       res['samples_out'] = token_prior.write_samples(
           f.samples_out.replace('{side}', name), samples, test, num_classes, name)
+  ratios = {}
+  if 'vq' in results and 'peer' in results:
+    vq_res, peer = results['vq'], results['peer']
+    ratios = {
+        'train_tokens_per_s': vq_res['train_tokens_per_s'] / peer['train_tokens_per_s'],
+        'sample_images_per_s': vq_res['sample_images_per_s'] / peer['sample_images_per_s'],
+        'test_bits_per_token_minus_peer': (vq_res['test_bits_per_token']
+                                           - peer['test_bits_per_token'])}
+  if 'vq' in results and results['vq'].get('maskgit_sample_images_per_s'):
+    ratios['maskgit_vs_vq_gpt_sample_images_per_s'] = (
+        results['vq']['maskgit_sample_images_per_s'] / results['vq']['sample_images_per_s'])
   emit({'event': 'result', 'benchmark': 'gpt_prior', 'sides': list(results),
         **dataclasses.asdict(spec), 'vocab_size': spec.vocab_size, 'steps': f.steps,
         'round_steps': f.round_steps, 'seed': f.seed,
@@ -321,7 +296,7 @@ def _run() -> None:
         'train_grids': len(train_seq), 'test_grids': len(test_seq),
         'tokenizer_config_hash': train.config_hash,
         'tokenizer_checkpoint_step': train.checkpoint_step,
-        'unigram_bits_per_token': unigram, **results,
+        'unigram_bits_per_token': unigram, **results, 'ratios': ratios,
         'loadavg_1m_start': load_start, 'loadavg_1m_end': os.getloadavg()[0],
         'wall_s': time.perf_counter() - start})
 
@@ -341,6 +316,15 @@ def _define_flags() -> None:
   flags.DEFINE_integer('sample_repeats', 3, 'Timed sampling calls (median reported).')
   flags.DEFINE_string('samples_out', None, "Write the last samples as a token file ('{side}' "
                       'is replaced by the side); decode with run.py --mode=decode.')
+  flags.DEFINE_list('sides', ['vq', 'peer'], "Sides to run: 'vq' (vq's GPT) and/or 'peer'.")
+  flags.DEFINE_float('vq_class_dropout', 0.1, "vq's class dropout (its recipe's; 0 drops "
+                     'nothing, as the peer).')
+  flags.DEFINE_integer('maskgit_iterations', 10, "Decoding iterations of vq's MaskGIT "
+                       'sampler timed beside its GPT sampler (0: not timed).')
+  flags.DEFINE_string('vq_cpu_devices', 'auto', "vq's CPU devices, as run.py's --cpu_devices.")
+  flags.DEFINE_bool('vq_huge_pages', True, "vq's process starts with huge pages for large "
+                    "mallocs where run.py's training would restart with them "
+                    '(vq/cpu/host_memory.py).')
   flags.mark_flags_as_required(['train_tokens', 'test_tokens'])
 
 
