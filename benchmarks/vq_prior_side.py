@@ -160,7 +160,8 @@ class VqGPTSide:
     key = (kind, len(labels))
     if key not in self._samplers:
       model = self.model if kind == 'gpt' else self._maskgit_model
-      self._samplers[key] = self._gen_lib.Sampler(kind, model, self.layout, len(labels))
+      rows = -(-len(labels) // self._devices) * self._devices  # padded to the devices
+      self._samplers[key] = self._gen_lib.Sampler(kind, model, self.layout, rows)
       start = time.perf_counter()  # compiles for this batch; not part of the timing
       self._samplers[key](params, labels, self._jax.random.PRNGKey(seed), self._settings)
       self._compile_s[kind] = time.perf_counter() - start

@@ -69,6 +69,12 @@ def test_sample_is_reproducible_and_times_maskgit_beside(side):
   assert info['maskgit_sample_images_per_s'] > 0 and info['sample_compile_s'] > 0
 
 
+def test_sample_pads_a_batch_smaller_than_the_devices(side):
+  side, _ = side
+  out = side.sample(np.array([9], np.int64), 1.0, seed=0)
+  assert out['tokens'].shape == (1, 4)
+
+
 def test_grid_must_hold_the_sequence():
   with pytest.raises(ValueError, match='does not hold seq_len=4'):
     vq_prior_side.VqGPTSide(_SPEC, np.zeros((2, 5), np.int64), np.zeros((2, 5), np.int64),
