@@ -14,13 +14,12 @@ so a saved PNG holds exactly the pixels the metrics were computed on.
 """
 
 import os
-import pathlib
-import tempfile
 from typing import Sequence, Union
 
 import numpy as np
 from PIL import Image
 
+from vq.core import files
 from vq.core import metrics
 
 PathLike = Union[str, os.PathLike]
@@ -123,17 +122,8 @@ def save_png(path: PathLike, image_uint8: np.ndarray) -> None:
     raise ValueError(
         f"save_png expects an image shaped [H, W, 3], [H, W, 1] or [H, W], got {image.shape}; "
         "tile a batch with make_grid first.")
-  path = pathlib.Path(path)
-  path.parent.mkdir(parents=True, exist_ok=True)
-  fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-  try:
-    with os.fdopen(fd, "wb") as f:
-      Image.fromarray(np.ascontiguousarray(image)).save(f, format="PNG")
-    os.replace(tmp_name, path)
-  except BaseException:
-    if os.path.exists(tmp_name):
-      os.remove(tmp_name)
-    raise
+  files.atomic_write(
+      path, lambda f: Image.fromarray(np.ascontiguousarray(image)).save(f, format="PNG"))
 
 
 def histogram_image(counts: np.ndarray, *, height: int = 64, max_width: int = 512) -> np.ndarray:

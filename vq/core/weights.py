@@ -11,11 +11,12 @@ are only ever read as .npz with `allow_pickle=False`, after a content check that
 
 import os
 import pathlib
-import tempfile
 from typing import Any, Mapping
 import zipfile
 
 import numpy as np
+
+from vq.core import files
 
 _SEP = '/'
 _PICKLE_PROTO = b'\x80'  # Opcode that opens every pickle of protocol 2 or later.
@@ -99,14 +100,5 @@ def load_npz(path: str | os.PathLike[str]) -> dict[str, np.ndarray]:
 
 def save_npz(path: str | os.PathLike[str], arrays: Mapping[str, np.ndarray]) -> None:
   """Writes `arrays` to `path` as an .npz, atomically so a crash never leaves half a file."""
-  path = pathlib.Path(path)
-  path.parent.mkdir(parents=True, exist_ok=True)
-  fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name, suffix='.tmp')
-  try:
-    with os.fdopen(fd, 'wb') as f:
-      np.savez(f, **{k: np.asarray(v) for k, v in arrays.items()})
-    os.chmod(tmp, 0o644)  # mkstemp makes it owner-only; a shared cache should stay readable.
-    os.replace(tmp, path)
-  except BaseException:
-    os.unlink(tmp)
-    raise
+  files.atomic_write(path, lambda f: np.savez(f, **{k: np.asarray(v)
+                                                    for k, v in arrays.items()}))

@@ -28,9 +28,9 @@ import ml_collections
 import numpy as np
 
 from vq.core import images as vq_images
+from vq.core import weights
 from vq.generation import generator as gen_lib
 from vq.generation import priors
-from vq.generation import tokens as token_data
 from vq.generation import validation
 
 MODES = ('train', 'eval', 'sample', 'inpaint', 'edit', 'sample_large', 'eval_inpaint')
@@ -68,7 +68,7 @@ def sample_to_dir(config: ml_collections.ConfigDict, workdir: str, out: str, *,
   else:
     grid = vq_images.make_grid([images], max_columns=8)
   vq_images.save_png(out_dir / 'samples.png', grid)
-  token_data.write_npz_atomic(out_dir / 'samples.npz',
+  weights.save_npz(out_dir / 'samples.npz',
                               {'images': images, 'labels': labels_arr, 'tokens': tokens})
   return {'samples_png': str(out_dir / 'samples.png'),
           'samples_npz': str(out_dir / 'samples.npz'), 'num_samples': int(len(labels_arr)),

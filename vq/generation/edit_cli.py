@@ -45,6 +45,7 @@ import numpy as np
 
 from vq import data
 from vq.core import images as vq_images
+from vq.core import weights
 from vq.generation import editing
 from vq.generation import generator as gen_lib
 from vq.generation import masks as masks_lib
@@ -153,7 +154,7 @@ def inpaint_to_dir(config, workdir: str, out: str | None, *, mask: str | None,
   arrays = {'images': done.images[:, 0] if samples == 1 else done.images,
             'masks': np.ascontiguousarray(masks), 'tokens': done.tokens,
             'regions': done.regions[:, 0], 'labels': label_ids}
-  token_data.write_npz_atomic(out_dir / 'completions.npz', arrays)
+  weights.save_npz(out_dir / 'completions.npz', arrays)
   return {'inpaint_png': str(out_dir / 'inpaint.png'),
           'completions_npz': str(out_dir / 'completions.npz'), 'num_images': len(images),
           'samples_per_image': samples, 'mask': spec, 'feather': feather, 'step': gen.step,
@@ -200,7 +201,7 @@ def edit_to_dir(config, workdir: str, out: str | None, *, target_label: int | No
                      masks=masks, feather=feather, seed=config.sample.seed)
   rows = [images] + [done.images[:, j] for j in range(len(schedule))]
   vq_images.save_png(out_dir / 'edit.png', vq_images.make_grid(rows, max_columns=8))
-  token_data.write_npz_atomic(out_dir / 'edits.npz', {
+  weights.save_npz(out_dir / 'edits.npz', {
       'images': done.images, 'ratios': schedule.astype(np.float32), 'sources': images,
       'source_labels': ds_labels.astype(np.int32), 'target_label': np.int32(target_label)})
   from vq.generation import edit_eval  # pylint: disable=g-import-not-at-top
@@ -252,7 +253,7 @@ def sample_large_to_dir(config, workdir: str, out: str | None, *, token_grid: st
   images = large.decode_grid(gen.tokenizer, tokens)
   shown = images[:16]
   vq_images.save_png(out_dir / 'large.png', vq_images.make_grid([shown], max_columns=8))
-  token_data.write_npz_atomic(out_dir / 'large.npz',
+  weights.save_npz(out_dir / 'large.npz',
                               {'images': images, 'tokens': tokens, 'labels': label_ids})
   size = gen.tokenizer.image_size
   crops = large.random_crops(images, size, config.sample.seed)

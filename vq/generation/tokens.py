@@ -24,7 +24,6 @@ import hashlib
 import json
 import os
 import pathlib
-import tempfile
 from typing import Any, Iterator
 
 from absl import logging
@@ -234,17 +233,3 @@ def eval_batches(split: TokenSplit, *, global_batch_size: int, num_local_devices
            'label': np.where(valid, split.labels[rows], 0).reshape(num_local_devices,
                                                                   per_device),
            'mask': valid.reshape(num_local_devices, per_device)}
-
-
-def write_npz_atomic(path: pathlib.Path, arrays: dict[str, np.ndarray]) -> None:
-  """np.savez to `path` through a temporary file in the same folder (never half written)."""
-  path.parent.mkdir(parents=True, exist_ok=True)
-  fd, tmp = tempfile.mkstemp(dir=path.parent, suffix='.tmp')
-  try:
-    with os.fdopen(fd, 'wb') as f:
-      np.savez(f, **arrays)
-    os.chmod(tmp, 0o644)  # mkstemp makes it owner-only
-    os.replace(tmp, path)
-  finally:
-    if os.path.exists(tmp):
-      os.remove(tmp)

@@ -29,7 +29,6 @@ import hashlib
 import json
 import os
 import pathlib
-import tempfile
 from typing import Any, Callable
 
 import jax
@@ -42,6 +41,7 @@ from vq.runtime import checkpointing
 from vq import data
 from vq.core import images as vq_images
 from vq.core import metrics
+from vq.core import weights
 from vq.models import tokenizer as vq_tokenizer
 from vq.runtime import state as ts
 
@@ -407,16 +407,7 @@ def encode_dataset(tok: Tokenizer, spec: str, out_path: PathLike, *, max_images:
   if source.num_classes is not None:
     arrays['labels'] = labels
   out_path = pathlib.Path(out_path)
-  out_path.parent.mkdir(parents=True, exist_ok=True)
-  fd, tmp = tempfile.mkstemp(prefix=f'.{out_path.name}.', suffix='.tmp', dir=out_path.parent)
-  try:
-    with os.fdopen(fd, 'wb') as f:  # a file object, so numpy adds no '.npz' to the name
-      np.savez(f, **arrays)
-    os.replace(tmp, out_path)
-  except BaseException:
-    if os.path.exists(tmp):
-      os.remove(tmp)
-    raise
+  weights.save_npz(out_path, arrays)
   return {'path': str(out_path), 'num_images': n, 'token_shape': tok.token_shape,
           'config_hash': tok.config_hash, 'checkpoint_step': tok.step}
 
