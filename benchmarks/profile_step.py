@@ -20,8 +20,6 @@ On other machines thunk names may differ; the categories depend only on op_name.
 
 import collections
 import functools
-import glob
-import gzip
 import json
 import os
 import re
@@ -33,6 +31,8 @@ import time
 from absl import app
 from absl import flags
 from ml_collections import config_flags
+
+from benchmarks.xla_trace import op_names, thunk_times
 
 _CONFIG = config_flags.DEFINE_config_file('config', None, 'Experiment config file.',
                                           lock_config=False)
@@ -51,8 +51,6 @@ _LPIPS = flags.DEFINE_enum('lpips', 'random', ['random', 'pretrained'],
 
 _CONV_LAYER = re.compile(r'/conv\d?/|/conv_in/|/conv_out/|nin_shortcut|upsample/conv|'
                          r'downsample|/Conv_\d|/conv\d_\d|/deconv\d/|/res\d+_conv\d/')
-_SKIP = ('ThunkExecutor', '$', 'PjitFunction', 'CommonPjRt', 'ParseArguments', 'end:',
-         'while', 'Handle inputs', 'AllocateOutput')
 
 
 def category(op_name: str) -> str:
@@ -75,31 +73,6 @@ def category(op_name: str) -> str:
   if re.search(r'silu|swish', op_name):
     return 'swish'
   return 'other'
-
-
-def op_names(hlo_text: str) -> dict[str, str]:
-  """HLO instruction name -> op_name metadata (instructions without metadata are left out)."""
-  names = {}
-  for line in hlo_text.splitlines():
-    m = re.match(r'\s*(?:ROOT )?%(\S+) = .*?op_name="([^"]*)"', line)
-    if m:
-      names.setdefault(m.group(1), m.group(2))
-  return names
-
-
-def thunk_times(trace_dir: str) -> dict[str, float]:
-  """Summed microseconds per thunk name in the Perfetto trace under `trace_dir`."""
-  paths = glob.glob(os.path.join(trace_dir, '**', '*.trace.json.gz'), recursive=True)
-  if not paths:
-    raise FileNotFoundError(f'no *.trace.json.gz under {trace_dir}: the profiler wrote none.')
-  with gzip.open(paths[0]) as f:
-    trace = json.load(f)
-  events = trace['traceEvents'] if isinstance(trace, dict) else trace
-  out = collections.Counter()
-  for e in events:
-    if e.get('ph') == 'X' and not e['name'].startswith(_SKIP) and 'block_until' not in e['name']:
-      out[e['name']] += e['dur']
-  return out
 
 
 def main(argv):

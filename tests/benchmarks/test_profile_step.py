@@ -6,6 +6,7 @@ import json
 import pytest
 
 from benchmarks import profile_step
+from benchmarks import xla_trace
 
 
 @pytest.mark.parametrize('op_name, expected', [
@@ -41,7 +42,7 @@ def test_op_names_and_thunk_times(tmp_path):
          'metadata={op_name="jit(_fun)/a/conv_general_dilated" stack_frame_id=1}\n'
          '  ROOT %copy.3 = f32[2]{0} copy(%x), metadata={op_name="jit(_fun)/b/norm/mul"}\n'
          '  %bitcast.1 = f32[4]{0} bitcast(%y)\n')
-  assert profile_step.op_names(hlo) == {'ynn_fusion.7': 'jit(_fun)/a/conv_general_dilated',
+  assert xla_trace.op_names(hlo) == {'ynn_fusion.7': 'jit(_fun)/a/conv_general_dilated',
                                         'copy.3': 'jit(_fun)/b/norm/mul'}
   events = [{'ph': 'X', 'name': 'ynn_fusion.7', 'dur': 5.0},
             {'ph': 'X', 'name': 'ynn_fusion.7', 'dur': 7.0},
@@ -52,6 +53,6 @@ def test_op_names_and_thunk_times(tmp_path):
   trace_dir.mkdir(parents=True)
   with gzip.open(trace_dir / 'host.trace.json.gz', 'wt') as f:
     json.dump({'traceEvents': events}, f)
-  assert profile_step.thunk_times(str(tmp_path)) == {'ynn_fusion.7': 12.0}
+  assert xla_trace.thunk_times(str(tmp_path)) == {'ynn_fusion.7': 12.0}
   with pytest.raises(FileNotFoundError, match='no \\*.trace.json.gz'):
-    profile_step.thunk_times(str(tmp_path / 'plugins' / 'profile' / 'none'))
+    xla_trace.thunk_times(str(tmp_path / 'plugins' / 'profile' / 'none'))
