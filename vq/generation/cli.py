@@ -69,7 +69,7 @@ def sample_to_dir(config: ml_collections.ConfigDict, workdir: str, out: str, *,
     grid = vq_images.make_grid([images], max_columns=8)
   vq_images.save_png(out_dir / 'samples.png', grid)
   weights.save_npz(out_dir / 'samples.npz',
-                              {'images': images, 'labels': labels_arr, 'tokens': tokens})
+                   {'images': images, 'labels': labels_arr, 'tokens': tokens})
   return {'samples_png': str(out_dir / 'samples.png'),
           'samples_npz': str(out_dir / 'samples.npz'), 'num_samples': int(len(labels_arr)),
           'step': gen.step, 'settings': gen_lib.settings_from(config)._asdict()}

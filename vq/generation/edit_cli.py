@@ -254,7 +254,7 @@ def sample_large_to_dir(config, workdir: str, out: str | None, *, token_grid: st
   shown = images[:16]
   vq_images.save_png(out_dir / 'large.png', vq_images.make_grid([shown], max_columns=8))
   weights.save_npz(out_dir / 'large.npz',
-                              {'images': images, 'tokens': tokens, 'labels': label_ids})
+                   {'images': images, 'tokens': tokens, 'labels': label_ids})
   size = gen.tokenizer.image_size
   crops = large.random_crops(images, size, config.sample.seed)
   ordinary = gen.sample(label_ids, key)
