@@ -13,8 +13,6 @@ median step, tokens/s, and milliseconds per step by the last part of the op_name
 import collections
 import functools
 import json
-import tempfile
-import time
 
 from absl import app
 from absl import flags
@@ -55,25 +53,8 @@ def main(argv):
   p_state, p_rng = par.replicate(state), par.replicate(jax.random.PRNGKey(0))
   compiled = p_step.lower(p_state, p_batch, p_rng).compile()
 
-  def run():
-    nonlocal p_state
-    p_state, metrics = compiled(p_state, p_batch, p_rng)
-    jax.block_until_ready(metrics)
-
-  for _ in range(3):
-    run()
-  times = []
-  for _ in range(_STEPS.value):
-    start = time.perf_counter()
-    run()
-    times.append(time.perf_counter() - start)
-  with tempfile.TemporaryDirectory() as trace_dir:
-    jax.profiler.start_trace(trace_dir, create_perfetto_trace=True)
-    for _ in range(_TRACED.value):
-      run()
-    jax.profiler.stop_trace()
-    per_thunk = xla_trace.thunk_times(trace_dir)
-  names = xla_trace.op_names(compiled.as_text())
+  times, per_thunk, names = xla_trace.time_and_trace(
+      compiled, p_state, (p_batch, p_rng), warmup=2, steps=_STEPS.value, traced=_TRACED.value)
   scale = 1e-3 / _TRACED.value  # microseconds over the traced steps -> ms per step
   per_op = collections.Counter()
   for thunk, us in per_thunk.items():

@@ -25,14 +25,12 @@ import os
 import re
 import statistics
 import sys
-import tempfile
-import time
 
 from absl import app
 from absl import flags
 from ml_collections import config_flags
 
-from benchmarks.xla_trace import op_names, thunk_times
+from benchmarks.xla_trace import time_and_trace
 
 _CONFIG = config_flags.DEFINE_config_file('config', None, 'Experiment config file.',
                                           lock_config=False)
@@ -109,25 +107,9 @@ def main(argv):
   p_batch = par.shard({'image': images})
   compiled = p_step.lower(p_state, p_batch, p_rng).compile()
 
-  def run():
-    nonlocal p_state
-    p_state, metrics = compiled(p_state, p_batch, p_rng)
-    jax.block_until_ready(metrics)
-
-  for _ in range(1 + _WARMUP.value):
-    run()
-  times = []
-  for _ in range(_STEPS.value):
-    start = time.perf_counter()
-    run()
-    times.append(time.perf_counter() - start)
-  with tempfile.TemporaryDirectory() as trace_dir:
-    jax.profiler.start_trace(trace_dir, create_perfetto_trace=True)
-    for _ in range(_TRACED.value):
-      run()
-    jax.profiler.stop_trace()
-    per_thunk = thunk_times(trace_dir)
-  names = op_names(compiled.as_text())
+  times, per_thunk, names = time_and_trace(compiled, p_state, (p_batch, p_rng),
+                                           warmup=_WARMUP.value, steps=_STEPS.value,
+                                           traced=_TRACED.value)
   per_category = collections.Counter()
   for thunk, us in per_thunk.items():
     per_category[category(names.get(thunk, ''))] += us

@@ -62,6 +62,7 @@ class VqGPTSide:
     cpu_devices_lib.apply_plan(self._plan)
     import jax  # pylint: disable=g-import-not-at-top
     from vq.config import loading  # pylint: disable=g-import-not-at-top
+    from vq.generation import evaluation  # pylint: disable=g-import-not-at-top
     from vq.generation import generator as gen_lib  # pylint: disable=g-import-not-at-top
     from vq.generation import priors  # pylint: disable=g-import-not-at-top
     from vq.generation import tokens as token_data  # pylint: disable=g-import-not-at-top
@@ -100,10 +101,11 @@ class VqGPTSide:
         labels=np.ascontiguousarray(test_seq[:, 0] - spec.num_codes, np.int32), spec='test')
     self._settings = gen_lib.settings_from(self.config, temperature=1.0, top_k=0, top_p=1.0,
                                            guidance=1.0, num_iterations=maskgit_iterations)
-    self._gen_lib, self._trainer_eval = gen_lib, trainer.evaluation
+    self._gen_lib, self._evaluation = gen_lib, evaluation
     self._samplers: dict[tuple[str, int], Any] = {}
     self._compile_s: dict[str, float] = {}
     self._maskgit_s: list[float] = []
+    self._maskgit_images = 0
     self._maskgit_iterations = int(maskgit_iterations)
     self._maskgit_params = None
     if maskgit_iterations:
@@ -152,8 +154,8 @@ class VqGPTSide:
     return self._par.unreplicate(self._p_state).params
 
   def bits_per_token(self) -> float:
-    return self._trainer_eval.held_out_bits(self.config, self.model, self.layout,
-                                            self._params(), self._test)['test_bits_per_token']
+    return self._evaluation.held_out_bits(self.config, self.model, self.layout,
+                                          self._params(), self._test)['test_bits_per_token']
 
   def _timed_sample(self, kind: str, params, labels: np.ndarray, seed: int
                     ) -> tuple[np.ndarray, float]:

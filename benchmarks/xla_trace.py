@@ -1,7 +1,9 @@
-"""Reading a jax.profiler trace of XLA:CPU: time per thunk, and each thunk's JAX op_name.
+"""Timing and tracing a compiled step on XLA:CPU: time per thunk, each thunk's JAX op_name.
 
   names = op_names(compiled.as_text())     # HLO instruction -> op_name metadata
   per_thunk = thunk_times(trace_dir)       # thunk -> summed microseconds
+  times, per_thunk, names = time_and_trace(compiled, p_state, (p_batch, p_rng), warmup=2,
+                                           steps=3, traced=2)   # a compiled train step
 
 Shared by benchmarks/profile_step.py (the tokenizer's step) and
 benchmarks/profile_prior_step.py (a token prior's); defines no flags.
@@ -13,6 +15,8 @@ import gzip
 import json
 import os
 import re
+import tempfile
+import time
 
 _SKIP = ('ThunkExecutor', '$', 'PjitFunction', 'CommonPjRt', 'ParseArguments', 'end:',
          'while', 'Handle inputs', 'AllocateOutput')
@@ -41,3 +45,31 @@ def thunk_times(trace_dir: str) -> dict[str, float]:
     if e.get('ph') == 'X' and not e['name'].startswith(_SKIP) and 'block_until' not in e['name']:
       out[e['name']] += e['dur']
   return out
+
+
+def time_and_trace(compiled, state, args: tuple, *, warmup: int, steps: int, traced: int
+                   ) -> tuple[list[float], dict[str, float], dict[str, str]]:
+  """Runs `compiled(state, *args) -> (state, metrics)` 1 + `warmup` times untimed, `steps`
+  times timed (seconds each, to the metrics' readiness), then `traced` times under
+  `jax.profiler`. Returns (step seconds, `thunk_times` over the traced steps, `op_names`)."""
+  import jax  # pylint: disable=g-import-not-at-top
+
+  def run():
+    nonlocal state
+    state, metrics = compiled(state, *args)
+    jax.block_until_ready(metrics)
+
+  for _ in range(1 + warmup):
+    run()
+  times = []
+  for _ in range(steps):
+    start = time.perf_counter()
+    run()
+    times.append(time.perf_counter() - start)
+  with tempfile.TemporaryDirectory() as trace_dir:
+    jax.profiler.start_trace(trace_dir, create_perfetto_trace=True)
+    for _ in range(traced):
+      run()
+    jax.profiler.stop_trace()
+    per_thunk = thunk_times(trace_dir)
+  return times, per_thunk, op_names(compiled.as_text())
