@@ -58,6 +58,8 @@ _TOKEN_GRID = flags.DEFINE_string('token_grid', None, 'sample_large: token rows,
                                   'e.g. 16,16.')
 _FEATHER = flags.DEFINE_integer('feather', None, 'inpaint/edit/eval_inpaint: pixels of soft '
                                 'border outside the mask (default 2; 0: none).')
+_WIDEN = flags.DEFINE_integer('widen', None, 'inpaint/edit/eval_inpaint: tokens the region '
+                              'grows by beyond the cells the mask touches (default 0).')
 _REINIT = flags.DEFINE_bool(
     'reinit_unusable_checkpoints', False,
     'If the workdir has checkpoints but none can be restored, move them aside '
@@ -170,7 +172,8 @@ def main(argv):
                         dataset=_DATASET.value, max_images=_MAX_IMAGES.value,
                         samples_per_image=_SAMPLES_PER_IMAGE.value,
                         target_label=_TARGET_LABEL.value, ratios=_RATIOS.value,
-                        token_grid=_TOKEN_GRID.value, feather=_FEATHER.value)
+                        token_grid=_TOKEN_GRID.value, feather=_FEATHER.value,
+                        widen=_WIDEN.value)
       if results is not None:
         print(json.dumps(results, indent=2, sort_keys=True, default=str))
     elif _MODE.value == 'train':

@@ -19,6 +19,7 @@ from vq.generation import cli
 from vq.generation import edit_cli
 from vq.generation import editing
 from vq.generation import generator as gen_lib
+from vq.generation import masks as masks_lib
 from vq.generation import tokens as token_data
 from vq.runtime import loop
 from vq.training import trainer as tokenizer_trainer
@@ -89,12 +90,28 @@ def test_maskgit_inpaints_keeping_known_tokens_and_pixels(runs, tmp_path):
   for s in range(2):
     np.testing.assert_array_equal(images[:, s][:, far], originals[:, far])
   tok = gen_lib.Generator.from_workdir(runs['priors']['maskgit'][1]).tokenizer
-  encoded = tok.encode(originals)
-  assert regions.sum() == SEED_IMAGES * 36
+  encoded = tok.encode(masks_lib.telea(originals, masks))   # the masked pixels never read
+  assert regions.sum() == SEED_IMAGES * 16                  # cells 2..5, not widened
   for s in range(2):
     np.testing.assert_array_equal(tokens[:, s][:, ~regions[0]], encoded[:, ~regions[0]])
   grid = np.asarray(Image.open(result['inpaint_png']))
   assert grid.shape[0] == 4 * 34 + 2           # originals, masked, 2 samples: 4 lines
+  widened = _run(runs, 'maskgit', 'inpaint', tmp_path / 'w', mask='center', widen=1)
+  assert widened['widen'] == 1 and widened['token_region_fraction'] == 36 / 64
+
+
+def test_completions_do_not_depend_on_the_masked_pixels(runs):
+  gen = gen_lib.Generator.from_workdir(runs['priors']['maskgit'][1])
+  images = runs['images']
+  masks = masks_lib.pixel_masks('right', len(images), (32, 32))
+  damaged = images.copy()
+  damaged[masks] = 255 - damaged[masks]
+  editor = editing.Editor(gen)
+  key = jax.random.PRNGKey(3)
+  a = editor.inpaint(images, masks, None, key)
+  b = editor.inpaint(damaged, masks, None, key)
+  np.testing.assert_array_equal(a.images, b.images)
+  np.testing.assert_array_equal(a.tokens, b.tokens)
 
 
 def test_gpt_refuses_non_suffix_masks_before_compiling_and_completes_bottom(
@@ -111,7 +128,7 @@ def test_gpt_refuses_non_suffix_masks_before_compiling_and_completes_bottom(
   result = _run(runs, 'gpt', 'inpaint', tmp_path / 'b', mask='bottom')
   with np.load(result['completions_npz']) as f:
     np.testing.assert_array_equal(f['images'][:, :14], runs['images'][:, :14])   # 16 - 2 feathered
-    assert f['regions'][:, :3].sum() == 0 and f['regions'][:, 3:].all()
+    assert f['regions'][:, :4].sum() == 0 and f['regions'][:, 4:].all()
 
 
 def test_bad_masks_fail_in_one_line_before_the_prior_loads(runs, tmp_path, monkeypatch):
@@ -135,6 +152,10 @@ def test_bad_masks_fail_in_one_line_before_the_prior_loads(runs, tmp_path, monke
       assert '\n' not in str(e.value)
   with pytest.raises(ValueError, match='needs --mask'):
     _run(runs, 'maskgit', 'inpaint', tmp_path)
+  for mode in ('inpaint', 'eval_inpaint'):
+    with pytest.raises(ValueError, match='--widen=-1 must be') as e:
+      _run(runs, 'maskgit', mode, tmp_path, mask='center', widen=-1)
+    assert '\n' not in str(e.value)
   with pytest.raises(ValueError, match='only a MaskGIT prior'):
     _run(runs, 'gpt', 'edit', tmp_path, target_label=1)
 
@@ -188,9 +209,9 @@ def test_run_py_passes_the_editing_flags(runs, tmp_path):
       [sys.executable, str(repo / 'run.py'), '--config=experiments/maskgit_cifar.py:smoke',
        f'--config.prior.tokenizer_workdir={config.prior.tokenizer_workdir}',
        f'--workdir={workdir}', '--mode=inpaint', f'--dataset={runs["dataset"]}',
-       '--mask=box:0,0,40,8', f'--out={tmp_path}', '--samples_per_image=2', '--feather=1',
-       '--cpu_devices=1'],
+       '--mask=center', f'--out={tmp_path}', '--samples_per_image=2', '--feather=1',
+       '--widen=-1', '--cpu_devices=1'],
       cwd=repo, capture_output=True, text=True, timeout=120, check=False)
   assert result.returncode == 2, result.stderr[-2000:]
   lines = [l for l in result.stderr.splitlines() if l.startswith('error:')]
-  assert len(lines) == 1 and '--mask=box:0,0,40,8' in lines[0] and 'leaves the 32x32' in lines[0]
+  assert len(lines) == 1 and '--widen=-1 must be' in lines[0]

@@ -16,7 +16,7 @@ def _grid(shape, rows, cols):
 
 
 # (spec, image side, token grid, expected region as (rows, cols) inclusive), worked out by
-# hand: cell = pixel // f, then one token more on every side, clipped to the grid.
+# hand: cell = pixel // f, then one token more on every side (widen=1), clipped to the grid.
 CASES = [
     # 8x8 CIFAR grid, f = 4.
     ('center', 32, 8, ((1, 6), (1, 6))),          # pixels 8..23 -> cells 2..5
@@ -38,16 +38,49 @@ CASES = [
 @pytest.mark.parametrize('spec,side,grid,expected', CASES)
 def test_token_region_matches_hand_computed_cases(spec, side, grid, expected):
   masks = masks_lib.pixel_masks(spec, 2, (side, side))
-  region = masks_lib.token_region(masks, (grid, grid))
+  region = masks_lib.token_region(masks, (grid, grid), widen=1)
   want = _grid((grid, grid), *expected)
   np.testing.assert_array_equal(region[0], want)
   np.testing.assert_array_equal(region[1], want)
 
 
-def test_token_region_without_widening_is_the_cells_touched():
-  masks = masks_lib.pixel_masks('box:13,6,14,7', 1, (32, 32))
-  np.testing.assert_array_equal(masks_lib.token_region(masks, (8, 8), widen=0)[0],
-                                _grid((8, 8), (1, 1), (3, 3)))
+# The same by hand without widening (the default): the cells the mask touches.
+CASES_UNWIDENED = [
+    ('center', 32, 8, ((2, 5), (2, 5))),          # pixels 8..23 -> cells 2..5
+    ('bottom', 32, 8, ((4, 7), (0, 7))),
+    ('right', 32, 8, ((0, 7), (4, 7))),
+    ('box:13,6,14,7', 32, 8, ((1, 1), (3, 3))),
+    ('box:3,3,5,5', 32, 8, ((0, 1), (0, 1))),     # straddles cells 0 and 1
+    ('center', 64, 16, ((4, 11), (4, 11))),       # pixels 16..47 -> cells 4..11
+    ('box:0,30,2,32', 32, 16, ((15, 15), (0, 0))),  # f=2: rows 30..31 -> 15, cols -> 0
+]
+
+
+@pytest.mark.parametrize('spec,side,grid,expected', CASES_UNWIDENED)
+def test_token_region_by_default_is_the_cells_touched(spec, side, grid, expected):
+  masks = masks_lib.pixel_masks(spec, 1, (side, side))
+  np.testing.assert_array_equal(masks_lib.token_region(masks, (grid, grid))[0],
+                                _grid((grid, grid), *expected))
+  assert masks_lib.DEFAULT_WIDEN == 0
+
+
+@pytest.mark.parametrize('widen', [-1, 0.5])
+def test_bad_widen_is_one_line(widen):
+  with pytest.raises(ValueError, match=f'--widen={widen} must be') as e:
+    masks_lib.token_region(np.ones((1, 32, 32), bool), (8, 8), widen=widen)
+  assert '\n' not in str(e.value)
+
+
+def test_telea_fill_reads_no_masked_pixel_and_keeps_the_rest():
+  rng = np.random.default_rng(0)
+  images = rng.integers(0, 256, (2, 32, 32, 3)).astype(np.uint8)
+  masks = masks_lib.pixel_masks('center', 2, (32, 32))
+  other = images.copy()
+  other[masks] = rng.integers(0, 256, (int(masks.sum()), 3))
+  filled = masks_lib.telea(images, masks)
+  np.testing.assert_array_equal(filled, masks_lib.telea(other, masks))
+  np.testing.assert_array_equal(filled[~masks], images[~masks])
+  assert not np.array_equal(filled[masks], images[masks])
 
 
 def test_named_masks_cover_the_documented_pixels():

@@ -81,7 +81,7 @@ def run(config: ml_collections.ConfigDict, mode: str, workdir: str, *, out: str 
   """Runs `mode` for the prior of `config`; returns what run.py prints (None for train).
 
   `edit_flags` are the editing modes' flags (`vq.generation.edit_cli.run`): mask, dataset,
-  max_images, samples_per_image, target_label, ratios, token_grid, feather.
+  max_images, samples_per_image, target_label, ratios, token_grid, feather, widen.
   """
   if mode not in MODES:
     raise ValueError(f'--mode={mode} is for tokenizers; a {config.objective} prior takes '

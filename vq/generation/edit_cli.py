@@ -29,7 +29,9 @@ Usage sketch (PRIOR = a prior's --workdir, its --config as trained)::
   `<workdir>/eval/inpaint_step_<N>.json` (or `--out/eval_inpaint.json` and a picture per
   mask).
 `--labels`: none (the null class), `dataset` (the images' labels), one class for all, or
-one per image. `--feather` (default 2) pixels of soft border (`masks.blend`). The key is
+one per image. `--feather` (default 2) pixels of soft border (`masks.blend`). `--widen`
+(default 0) tokens the token region grows by beyond the cells the mask touches
+(`masks.token_region`; the encoder never sees the masked pixels, `masks.telea`). The key is
 `config.sample.seed`; sampler settings are `config.sample.*`.
 """
 
@@ -126,7 +128,7 @@ def _load(config, workdir) -> gen_lib.Generator:
 def inpaint_to_dir(config, workdir: str, out: str | None, *, mask: str | None,
                    dataset: str | None = None, labels: str | None = None,
                    samples_per_image: int | None = None, max_images: int | None = None,
-                   feather: int | None = None) -> dict[str, Any]:
+                   feather: int | None = None, widen: int | None = None) -> dict[str, Any]:
   """--mode=inpaint (module docstring); returns what it wrote."""
   out_dir = _out_dir(out, 'inpaint')
   if not mask:
@@ -138,14 +140,15 @@ def inpaint_to_dir(config, workdir: str, out: str | None, *, mask: str | None,
     raise ValueError(f'--samples_per_image={samples} must be >= 1.')
   feather = 2 if feather is None else feather
   masks_lib.feather_alpha(np.zeros((1, 1, 1), bool), feather)   # checks the value
+  widen = masks_lib.check_widen(masks_lib.DEFAULT_WIDEN if widen is None else widen)
   images, ds_labels, size = _load_images(config, dataset, 16 if max_images is None
                                          else max_images)
   masks = masks_lib.pixel_masks(spec, len(images), (size, size))
   gen = _load(config, workdir)
   label_ids = resolve_labels(labels, ds_labels, gen.layout.num_classes)
   masks_lib.check_completable(config.objective,
-                              masks_lib.token_region(masks, gen.layout.grid), spec)
-  editor = editing.Editor(gen)
+                              masks_lib.token_region(masks, gen.layout.grid, widen), spec)
+  editor = editing.Editor(gen, widen=widen)
   done = editor.inpaint(images, masks, label_ids, jax.random.PRNGKey(config.sample.seed),
                         samples_per_image=samples, feather=feather, spec=spec)
   rows = [images, masks_lib.masked_view(images, masks)]
@@ -157,7 +160,8 @@ def inpaint_to_dir(config, workdir: str, out: str | None, *, mask: str | None,
   weights.save_npz(out_dir / 'completions.npz', arrays)
   return {'inpaint_png': str(out_dir / 'inpaint.png'),
           'completions_npz': str(out_dir / 'completions.npz'), 'num_images': len(images),
-          'samples_per_image': samples, 'mask': spec, 'feather': feather, 'step': gen.step,
+          'samples_per_image': samples, 'mask': spec, 'feather': feather, 'widen': widen,
+          'step': gen.step,
           'token_region_fraction': float(done.regions.mean())}
 
 
@@ -174,7 +178,7 @@ def _parse_floats(text: str | None, default: tuple[float, ...], flag: str) -> tu
 def edit_to_dir(config, workdir: str, out: str | None, *, target_label: int | None,
                 ratios: str | None = None, dataset: str | None = None,
                 max_images: int | None = None, mask: str | None = None,
-                feather: int | None = None) -> dict[str, Any]:
+                feather: int | None = None, widen: int | None = None) -> dict[str, Any]:
   """--mode=edit (module docstring); returns its metrics."""
   out_dir = _out_dir(out, 'edit')
   if config.objective != 'maskgit':
@@ -187,6 +191,8 @@ def edit_to_dir(config, workdir: str, out: str | None, *, target_label: int | No
   schedule = editing.check_ratios(sorted(set((0.0,) + _parse_floats(ratios, DEFAULT_RATIOS,
                                                                     'ratios'))))
   feather = 2 if feather is None else feather
+  masks_lib.feather_alpha(np.zeros((1, 1, 1), bool), feather)   # checks the value
+  widen = masks_lib.check_widen(masks_lib.DEFAULT_WIDEN if widen is None else widen)
   spec = masks_lib.check_spec(mask) if mask else None
   images, ds_labels, size = _load_images(config, dataset,
                                          16 if max_images is None else max_images,
@@ -196,7 +202,7 @@ def edit_to_dir(config, workdir: str, out: str | None, *, target_label: int | No
                      'another --target_label or --dataset.')
   masks = masks_lib.pixel_masks(spec, len(images), (size, size)) if spec else None
   gen = _load(config, workdir)
-  editor = editing.Editor(gen)
+  editor = editing.Editor(gen, widen=widen)
   done = editor.edit(images, target_label, schedule, jax.random.PRNGKey(config.sample.seed),
                      masks=masks, feather=feather, seed=config.sample.seed)
   rows = [images] + [done.images[:, j] for j in range(len(schedule))]
@@ -218,7 +224,8 @@ def edit_to_dir(config, workdir: str, out: str | None, *, target_label: int | No
                                                         target_label))
     rows_out.append(row)
   results = {'target_label': int(target_label), 'num_images': len(images), 'mask': spec,
-             'step': gen.step, 'schedule': rows_out, 'edit_png': str(out_dir / 'edit.png'),
+             'widen': widen if spec else None, 'step': gen.step, 'schedule': rows_out,
+             'edit_png': str(out_dir / 'edit.png'),
              'edits_npz': str(out_dir / 'edits.npz'),
              'settings': editor.settings._asdict()}
   if missing is not None:
@@ -275,12 +282,14 @@ def sample_large_to_dir(config, workdir: str, out: str | None, *, token_grid: st
 
 def eval_inpaint(config, workdir: str, out: str | None, *, mask: str | None = None,
                  dataset: str | None = None, labels: str | None = None,
-                 max_images: int | None = None, feather: int | None = None) -> dict[str, Any]:
+                 max_images: int | None = None, feather: int | None = None,
+                 widen: int | None = None) -> dict[str, Any]:
   """--mode=eval_inpaint (module docstring); returns the results it wrote."""
   from vq.generation import edit_eval  # pylint: disable=g-import-not-at-top
   specs = masks_lib.split_specs(mask) if mask else list(DEFAULT_EVAL_MASKS)
   feather = 2 if feather is None else feather
   masks_lib.feather_alpha(np.zeros((1, 1, 1), bool), feather)
+  widen = masks_lib.check_widen(masks_lib.DEFAULT_WIDEN if widen is None else widen)
   images, ds_labels, size = _load_images(config, dataset, max_images or 0)
   masks = {s: np.ascontiguousarray(masks_lib.pixel_masks(s, len(images), (size, size)))
            for s in specs}
@@ -292,7 +301,7 @@ def eval_inpaint(config, workdir: str, out: str | None, *, mask: str | None = No
       data_dir=config.data.data_dir or None, max_examples=config.data.max_examples,
       download=config.data.download)
   code = edit_eval.most_frequent_code(train.tokens, gen.layout.num_codes)
-  editor = editing.Editor(gen)
+  editor = editing.Editor(gen, widen=widen)
   pictures: dict[str, dict[str, np.ndarray]] = {}
 
   def keep_first(spec, outputs, lo):
@@ -304,8 +313,8 @@ def eval_inpaint(config, workdir: str, out: str | None, *, mask: str | None = No
       most_frequent=code, feather=feather, on_chunk=keep_first)
   results = {'step': gen.step, 'objective': config.objective, 'num_images': len(images),
              'dataset': dataset or config.eval.dataset, 'labels': labels or 'none',
-             'feather': feather, 'most_frequent_code': code, 'telea_radius':
-             edit_eval.TELEA_RADIUS, 'settings': editor.settings._asdict(),
+             'feather': feather, 'widen': widen, 'most_frequent_code': code, 'telea_radius':
+             masks_lib.TELEA_RADIUS, 'settings': editor.settings._asdict(),
              'tokenizer': gen.tokenizer_identity, **scores}
   if out:
     out_dir = _out_dir(out, 'eval_inpaint')
@@ -332,16 +341,18 @@ def run(config: ml_collections.ConfigDict, mode: str, workdir: str, *, out: str 
     return inpaint_to_dir(config, workdir, out, mask=flags.get('mask'),
                           dataset=flags.get('dataset'), labels=flags.get('labels'),
                           samples_per_image=flags.get('samples_per_image'),
-                          max_images=flags.get('max_images'), feather=flags.get('feather'))
+                          max_images=flags.get('max_images'), feather=flags.get('feather'),
+                          widen=flags.get('widen'))
   if mode == 'edit':
     return edit_to_dir(config, workdir, out, target_label=flags.get('target_label'),
                        ratios=flags.get('ratios'), dataset=flags.get('dataset'),
                        max_images=flags.get('max_images'), mask=flags.get('mask'),
-                       feather=flags.get('feather'))
+                       feather=flags.get('feather'), widen=flags.get('widen'))
   if mode == 'sample_large':
     return sample_large_to_dir(config, workdir, out, token_grid=flags.get('token_grid'),
                                labels=flags.get('labels'),
                                num_samples=flags.get('num_samples'))
   return eval_inpaint(config, workdir, out, mask=flags.get('mask'),
                       dataset=flags.get('dataset'), labels=flags.get('labels'),
-                      max_images=flags.get('max_images'), feather=flags.get('feather'))
+                      max_images=flags.get('max_images'), feather=flags.get('feather'),
+                      widen=flags.get('widen'))

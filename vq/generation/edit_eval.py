@@ -20,7 +20,8 @@ Per mask and method, over every image once:
 - `fd_vgg`: the Fréchet distance of the completed images' VGG16 features
   (`vq.evaluation.image_sets.ImageSetScorer`, as the generation metrics) against those of
   the same real images, uncompleted.
-Methods, all blended into the input by the same `masks.blend` with the same feather:
+Methods, all blended into the input by the same `masks.blend` with the same feather; none
+reads a masked pixel (the tokens come from the Telea-filled input, `masks.telea`):
 - `prior`: the prior's completion (GPT only where the region is a raster suffix);
 - `tokenizer_most_frequent`: the tokenizer alone, the region's tokens set to the most
   frequent code of the training grids, decoded;
@@ -45,7 +46,6 @@ from vq.evaluation import fid
 from vq.generation import masks as masks_lib
 
 METHODS = ('prior', 'tokenizer_most_frequent', 'opencv_telea', 'reference_reconstruction')
-TELEA_RADIUS = 3
 _MIN_MSE = 255.0 ** 2 * 1e-10
 
 
@@ -149,16 +149,6 @@ def vgg_scorer(image_size: int, batch_size: int, classifier: bool = False):
                                           image_size=image_size, batch_size=batch_size), None
 
 
-def telea(images: np.ndarray, masks: np.ndarray, radius: int = TELEA_RADIUS) -> np.ndarray:
-  """OpenCV's Telea inpainting of each image's masked pixels (the rest untouched)."""
-  import cv2  # pylint: disable=g-import-not-at-top
-  out = np.empty_like(images)
-  for i, (image, mask) in enumerate(zip(images, masks)):
-    out[i] = cv2.inpaint(np.ascontiguousarray(image), mask.astype(np.uint8) * 255, radius,
-                         cv2.INPAINT_TELEA)
-  return out
-
-
 def most_frequent_code(train_tokens: np.ndarray, num_codes: int) -> int:
   """The code the training grids use most (ties: the smallest)."""
   return int(np.argmax(np.bincount(np.asarray(train_tokens).ravel(), minlength=num_codes)))
@@ -170,12 +160,14 @@ def completions(editor, images: np.ndarray, tokens: np.ndarray, masks: np.ndarra
   """{method: uint8 [N, H, W, 3]} for one chunk of images (the methods of METHODS)."""
   tok = editor.gen.tokenizer
   out = {}
+  filled_pixels = masks_lib.telea(images, masks)
+  known = tok.encode(filled_pixels)       # what the methods may use: no masked pixel
   if prior:
-    done = editor.complete(tokens, region, labels, key, spec=spec, offset=offset)
+    done = editor.complete(known, region, labels, key, spec=spec, offset=offset)
     out['prior'] = masks_lib.blend(images, tok.decode(done), masks, feather)
-  filled = np.where(region, most_frequent, tokens)
+  filled = np.where(region, most_frequent, known)
   out['tokenizer_most_frequent'] = masks_lib.blend(images, tok.decode(filled), masks, feather)
-  out['opencv_telea'] = masks_lib.blend(images, telea(images, masks), masks, feather)
+  out['opencv_telea'] = masks_lib.blend(images, filled_pixels, masks, feather)
   out['reference_reconstruction'] = masks_lib.blend(images, tok.decode(tokens), masks, feather)
   return out
 
@@ -192,8 +184,7 @@ def evaluate_inpainting(editor, images: np.ndarray, masks: dict[str, np.ndarray]
   lo)` sees each chunk's completions (for pictures).
   """
   n = len(images)
-  grid = editor.layout.grid
-  regions = {spec: masks_lib.token_region(m, grid) for spec, m in masks.items()}
+  regions = {spec: editor.region(m) for spec, m in masks.items()}
   applicable = {spec: bool(np.all(masks_lib.is_raster_suffix(r))) or editor.kind != 'gpt'
                 for spec, r in regions.items()}
   scorer = scorer or vgg_scorer(images.shape[1], editor.batch_size)[0]

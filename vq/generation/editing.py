@@ -10,13 +10,16 @@ Usage sketch::
   edits = editor.edit(images, target_label=3, ratios=(0.25, 0.5, 1.0),
                       key=jax.random.PRNGKey(0))   # edits.images uint8 [N, 3, 32, 32, 3]
 
-Inpainting (MaskGIT's editing recipe): encode the image, set the tokens of the mask's token
-region (`vq.generation.masks.token_region`: the tokens whose pixel cell touches the mask,
-widened by one token) to [MASK], decode them with the prior's own iterative decoder
-(`sampling.sample_maskgit(..., tokens=...)`) conditioned on every other token and the class
-token, decode the grid with the tokenizer and blend the result into the input
-(`masks.blend`: the masked pixels are the completion's, pixels beyond the feathered border
-are the input's exactly). Outpainting is the same with a mask at the border (`right`).
+Inpainting (MaskGIT's editing recipe, without letting the masked pixels in): encode the
+image with its masked pixels replaced by OpenCV's Telea fill of the known ones
+(`masks.telea`; no token then depends on what the masked pixels hold), set the tokens of the
+mask's token region (`vq.generation.masks.token_region`: the tokens whose pixel cell touches
+the mask, grown by `widen` tokens, 0 by default) to [MASK], decode them with the prior's own
+iterative decoder (`sampling.sample_maskgit(..., tokens=...)`) conditioned on every other
+token and the class token, decode the grid with the tokenizer and blend the result into the
+input (`masks.blend`: the masked pixels are the completion's, pixels beyond the feathered
+border are the input's exactly). Outpainting is the same with a mask at the border
+(`right`).
 
 GPT completes only raster-suffix regions (`masks.check_completable`): it decodes in raster
 order, copying the known tokens (`complete_gpt`) and sampling each regenerated one from all
@@ -119,17 +122,19 @@ class Editor:
   """Token-level editing with a `Generator`'s prior and tokenizer.
 
   Completion runs jitted on one device in chunks of `batch_size` rows (the last one padded),
-  so every call shape compiles once.
+  so every call shape compiles once. `widen`: tokens the region of a pixel mask grows by
+  beyond the cells the mask touches (`masks.token_region`).
   """
 
   def __init__(self, generator, settings: sampling.Settings | None = None,
-               batch_size: int | None = None):
+               batch_size: int | None = None, widen: int = masks_lib.DEFAULT_WIDEN):
     from vq.generation import generator as gen_lib  # pylint: disable=g-import-not-at-top
     self.gen = generator
     self.kind = generator.config.objective
     self.layout = generator.layout
     self.settings = settings or gen_lib.settings_from(generator.config)
     self.batch_size = int(batch_size or generator.config.sample.batch_size)
+    self.widen = masks_lib.check_widen(widen)
     self._compiled: dict[Any, Any] = {}
 
   def _fn(self):
@@ -174,21 +179,30 @@ class Editor:
       out[lo:lo + rows] = np.asarray(done)[:rows]
     return out.reshape(np.shape(tokens))
 
+  def region(self, masks: np.ndarray) -> np.ndarray:
+    """bool [N, h, w]: the tokens to resample for pixel masks [N, H, W]."""
+    return masks_lib.token_region(masks, self.layout.grid, self.widen)
+
+  def encode_known(self, images: np.ndarray, masks: np.ndarray) -> np.ndarray:
+    """int32 [N, h, w]: the tokens of `images` with their masked pixels Telea-filled."""
+    return self.gen.tokenizer.encode(masks_lib.telea(np.asarray(images, np.uint8), masks))
+
   def inpaint(self, images: np.ndarray, masks: np.ndarray, labels: np.ndarray | None,
               key: jax.Array, *, samples_per_image: int = 1, feather: int = 2,
               spec: str = 'custom') -> Completion:
     """Completes the masked pixels of uint8 images [N, H, W, 3] (bool masks [N, H, W]).
 
-    Row n * S + s (image n, sample s) draws from fold_in(key, n * S + s).
+    Row n * S + s (image n, sample s) draws from fold_in(key, n * S + s). The masked
+    pixels of `images` are never read: the encoder sees their Telea fill (`masks.telea`).
     """
     n = len(images)
     if samples_per_image < 1:
       raise ValueError(f'--samples_per_image={samples_per_image} must be >= 1.')
-    region = masks_lib.token_region(masks, self.layout.grid)
+    region = self.region(masks)
     masks_lib.check_completable(self.kind, region, spec)
     labels = np.full(n, priors.NULL_LABEL, np.int32) if labels is None else labels
     s = samples_per_image
-    tokens = self.gen.tokenizer.encode(images)
+    tokens = self.encode_known(images, masks)
     rep = lambda x: np.repeat(np.asarray(x), s, axis=0)
     done = self.complete(rep(tokens), rep(region), rep(labels), key, spec=spec)
     decoded = self.gen.tokenizer.decode(done)
@@ -213,7 +227,7 @@ class Editor:
     ratios = check_ratios(ratios)
     n, r = len(images), len(ratios)
     grid = self.layout.grid
-    candidates = None if masks is None else masks_lib.token_region(masks, grid)
+    candidates = None if masks is None else self.region(masks)
     regions = nested_edit_regions(n, grid, ratios, seed, candidates)
     tokens = self.gen.tokenizer.encode(images)
     rep_tokens = np.repeat(tokens, r, axis=0)
