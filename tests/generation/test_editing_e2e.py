@@ -106,6 +106,8 @@ def test_completions_do_not_depend_on_the_masked_pixels(runs):
   masks = masks_lib.pixel_masks('right', len(images), (32, 32))
   damaged = images.copy()
   damaged[masks] = 255 - damaged[masks]
+  # The tokenizer itself sees past its cells: encoding the inputs as they are would differ.
+  assert not np.array_equal(gen.tokenizer.encode(images), gen.tokenizer.encode(damaged))
   editor = editing.Editor(gen)
   key = jax.random.PRNGKey(3)
   a = editor.inpaint(images, masks, None, key)
@@ -152,9 +154,9 @@ def test_bad_masks_fail_in_one_line_before_the_prior_loads(runs, tmp_path, monke
       assert '\n' not in str(e.value)
   with pytest.raises(ValueError, match='needs --mask'):
     _run(runs, 'maskgit', 'inpaint', tmp_path)
-  for mode in ('inpaint', 'eval_inpaint'):
+  for mode in ('inpaint', 'eval_inpaint', 'edit'):
     with pytest.raises(ValueError, match='--widen=-1 must be') as e:
-      _run(runs, 'maskgit', mode, tmp_path, mask='center', widen=-1)
+      _run(runs, 'maskgit', mode, tmp_path, mask='center', widen=-1, target_label=1)
     assert '\n' not in str(e.value)
   with pytest.raises(ValueError, match='only a MaskGIT prior'):
     _run(runs, 'gpt', 'edit', tmp_path, target_label=1)
@@ -202,16 +204,19 @@ def test_eval_inpaint_scores_every_method_and_reports_gpt_where_it_applies(runs,
     edit_cli.resolve_labels('1,2,3', np.array([1, 2]), 10)
 
 
-def test_run_py_passes_the_editing_flags(runs, tmp_path):
+@pytest.mark.parametrize('flags,needle', [
+    (('--mask=box:0,0,40,8',), 'leaves the 32x32'),
+    (('--mask=center', '--widen=-1'), '--widen=-1 must be')])
+def test_run_py_passes_the_editing_flags(runs, tmp_path, flags, needle):
   config, workdir = runs['priors']['maskgit']
   repo = pathlib.Path(__file__).resolve().parents[2]
   result = subprocess.run(
       [sys.executable, str(repo / 'run.py'), '--config=experiments/maskgit_cifar.py:smoke',
        f'--config.prior.tokenizer_workdir={config.prior.tokenizer_workdir}',
        f'--workdir={workdir}', '--mode=inpaint', f'--dataset={runs["dataset"]}',
-       '--mask=center', f'--out={tmp_path}', '--samples_per_image=2', '--feather=1',
-       '--widen=-1', '--cpu_devices=1'],
+       f'--out={tmp_path}', '--samples_per_image=2', '--feather=1', *flags,
+       '--cpu_devices=1'],
       cwd=repo, capture_output=True, text=True, timeout=120, check=False)
   assert result.returncode == 2, result.stderr[-2000:]
   lines = [l for l in result.stderr.splitlines() if l.startswith('error:')]
-  assert len(lines) == 1 and '--widen=-1 must be' in lines[0]
+  assert len(lines) == 1 and needle in lines[0], lines

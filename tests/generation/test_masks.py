@@ -64,11 +64,17 @@ def test_token_region_by_default_is_the_cells_touched(spec, side, grid, expected
   assert masks_lib.DEFAULT_WIDEN == 0
 
 
-@pytest.mark.parametrize('widen', [-1, 0.5])
+@pytest.mark.parametrize('widen', [-1, 0.5, True, '1', None, float('inf')])
 def test_bad_widen_is_one_line(widen):
-  with pytest.raises(ValueError, match=f'--widen={widen} must be') as e:
+  with pytest.raises(ValueError, match='--widen=.* must be a whole number') as e:
     masks_lib.token_region(np.ones((1, 32, 32), bool), (8, 8), widen=widen)
   assert '\n' not in str(e.value)
+
+
+def test_widening_past_the_grid_covers_it_without_looping_that_often():
+  masks = masks_lib.pixel_masks('box:0,0,1,1', 1, (32, 32))
+  assert masks_lib.token_region(masks, (8, 8), widen=np.int64(2) ** 60).all()
+  assert masks_lib.token_region(masks, (8, 8), widen=np.int64(3)).sum() == 16
 
 
 def test_telea_fill_reads_no_masked_pixel_and_keeps_the_rest():

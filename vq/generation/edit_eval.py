@@ -21,7 +21,8 @@ Per mask and method, over every image once:
   (`vq.evaluation.image_sets.ImageSetScorer`, as the generation metrics) against those of
   the same real images, uncompleted.
 Methods, all blended into the input by the same `masks.blend` with the same feather; none
-reads a masked pixel (the tokens come from the Telea-filled input, `masks.telea`):
+but the reference reads a masked pixel (their tokens come from the Telea-filled input,
+`masks.telea`):
 - `prior`: the prior's completion (GPT only where the region is a raster suffix);
 - `tokenizer_most_frequent`: the tokenizer alone, the region's tokens set to the most
   frequent code of the training grids, decoded;
