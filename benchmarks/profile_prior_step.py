@@ -6,8 +6,10 @@ The prior's step (`vq.generation.trainer.train_step`, pmapped on one CPU device 
 sets it up) on random 8x8 grids of 512 codes and 10 classes, compiled, warmed up and timed;
 then `--traced` steps under `jax.profiler`, each XLA thunk mapped back to its JAX operation
 (benchmarks/xla_trace.py). Prints one JSON line: the
-median step, tokens/s, and milliseconds per step by the last part of the op_name
-(`dot_general`, `tanh`, `reduce_max`, ...) and by the `--top` costliest thunks.
+median step, tokens/s, the step's model FLOPs (benchmarks/flops.py: 2 per multiply-add of its
+matmuls, backward included) and FLOP/s, and milliseconds per step by the last part of the
+op_name (`dot_general`, `tanh`, `reduce_max`, ...) and by the `--top` costliest thunks.
+Compare `flops_per_s` with `python -m benchmarks.matmul_peak` on the same cores.
 """
 
 import collections
@@ -18,6 +20,7 @@ from absl import app
 from absl import flags
 from ml_collections import config_flags
 
+from benchmarks import flops
 from benchmarks import xla_trace
 
 _CONFIG = config_flags.DEFINE_config_file('config', 'experiments/gpt_cifar.py',
@@ -45,11 +48,15 @@ def main(argv):
   model = gen_lib.build_model(config, layout)
   state = gen_lib.create_state(config, model, layout, jax.random.PRNGKey(0))
   par = parallel.get('pmap')
-  p_step = par.step(functools.partial(trainer.train_step, kind=config.objective, model=model,
-                                      layout=layout, class_dropout=config.prior.class_dropout))
+  step_fn = functools.partial(trainer.train_step, kind=config.objective, model=model,
+                              layout=layout, class_dropout=config.prior.class_dropout)
+  p_step = par.step(step_fn)
   rng = np.random.default_rng(0)
-  p_batch = par.shard({'tokens': rng.integers(0, 512, (1, batch, 64)).astype(np.int32),
-                       'label': rng.integers(0, 10, (1, batch)).astype(np.int32)})
+  host_batch = {'tokens': rng.integers(0, 512, (batch, 64)).astype(np.int32),
+                'label': rng.integers(0, 10, (batch,)).astype(np.int32)}
+  step_flops = flops.count(step_fn, state, host_batch, jax.random.PRNGKey(0),
+                           axis_env=[(parallel.AXIS, 1)])
+  p_batch = par.shard({k: v[None] for k, v in host_batch.items()})
   p_state, p_rng = par.replicate(state), par.replicate(jax.random.PRNGKey(0))
   compiled = p_step.lower(p_state, p_batch, p_rng).compile()
 
@@ -65,7 +72,8 @@ def main(argv):
   step_s = float(np.median(times))
   print(json.dumps({
       'objective': config.objective, 'per_device_batch': batch, 'step_s_median': step_s,
-      'tokens_per_s': batch * layout.length / step_s, 'traced_ms_per_step': total,
+      'tokens_per_s': batch * layout.length / step_s, 'flops_per_step': step_flops,
+      'flops_per_s': step_flops / step_s, 'traced_ms_per_step': total,
       'ms_per_op': {k: round(v, 2) for k, v in per_op.most_common()},
       'share_per_op': {k: round(v / total, 3) for k, v in per_op.most_common(8)},
       'top_thunks': [{'thunk': t, 'ms': round(v, 2), 'op_name': names.get(t, '')}
