@@ -71,6 +71,14 @@ def test_bad_widen_is_one_line(widen):
   assert '\n' not in str(e.value)
 
 
+@pytest.mark.parametrize('feather', [-1, 0.5, True])
+def test_bad_feather_is_one_line(feather):
+  with pytest.raises(ValueError, match='--feather=.* must be >= 0') as e:
+    masks_lib.blend(np.zeros((1, 4, 4, 3), np.uint8), np.zeros((1, 4, 4, 3), np.uint8),
+                    np.ones((1, 4, 4), bool), feather)
+  assert '\n' not in str(e.value)
+
+
 def test_widening_past_the_grid_covers_it_without_looping_that_often():
   masks = masks_lib.pixel_masks('box:0,0,1,1', 1, (32, 32))
   assert masks_lib.token_region(masks, (8, 8), widen=np.int64(2) ** 60).all()

@@ -121,6 +121,12 @@ def _out_dir(out: str | None, mode: str) -> pathlib.Path:
   return path
 
 
+def _border(feather: int | None, widen: int | None) -> tuple[int, int]:
+  """--feather and --widen with their defaults, checked before anything loads."""
+  return (masks_lib.check_feather(masks_lib.DEFAULT_FEATHER if feather is None else feather),
+          masks_lib.check_widen(masks_lib.DEFAULT_WIDEN if widen is None else widen))
+
+
 def _load(config, workdir) -> gen_lib.Generator:
   return gen_lib.Generator.from_workdir(workdir, config)
 
@@ -138,17 +144,13 @@ def inpaint_to_dir(config, workdir: str, out: str | None, *, mask: str | None,
   samples = 1 if samples_per_image is None else samples_per_image
   if samples < 1:
     raise ValueError(f'--samples_per_image={samples} must be >= 1.')
-  feather = 2 if feather is None else feather
-  masks_lib.feather_alpha(np.zeros((1, 1, 1), bool), feather)   # checks the value
-  widen = masks_lib.check_widen(masks_lib.DEFAULT_WIDEN if widen is None else widen)
+  feather, widen = _border(feather, widen)
   images, ds_labels, size = _load_images(config, dataset, 16 if max_images is None
                                          else max_images)
   masks = masks_lib.pixel_masks(spec, len(images), (size, size))
   gen = _load(config, workdir)
   label_ids = resolve_labels(labels, ds_labels, gen.layout.num_classes)
-  masks_lib.check_completable(config.objective,
-                              masks_lib.token_region(masks, gen.layout.grid, widen), spec)
-  editor = editing.Editor(gen, widen=widen)
+  editor = editing.Editor(gen, widen=widen)   # inpaint refuses what GPT cannot complete
   done = editor.inpaint(images, masks, label_ids, jax.random.PRNGKey(config.sample.seed),
                         samples_per_image=samples, feather=feather, spec=spec)
   rows = [images, masks_lib.masked_view(images, masks)]
@@ -190,9 +192,7 @@ def edit_to_dir(config, workdir: str, out: str | None, *, target_label: int | No
   validation.check_labels([target_label], int(config.data.num_classes))
   schedule = editing.check_ratios(sorted(set((0.0,) + _parse_floats(ratios, DEFAULT_RATIOS,
                                                                     'ratios'))))
-  feather = 2 if feather is None else feather
-  masks_lib.feather_alpha(np.zeros((1, 1, 1), bool), feather)   # checks the value
-  widen = masks_lib.check_widen(masks_lib.DEFAULT_WIDEN if widen is None else widen)
+  feather, widen = _border(feather, widen)
   spec = masks_lib.check_spec(mask) if mask else None
   images, ds_labels, size = _load_images(config, dataset,
                                          16 if max_images is None else max_images,
@@ -287,9 +287,7 @@ def eval_inpaint(config, workdir: str, out: str | None, *, mask: str | None = No
   """--mode=eval_inpaint (module docstring); returns the results it wrote."""
   from vq.generation import edit_eval  # pylint: disable=g-import-not-at-top
   specs = masks_lib.split_specs(mask) if mask else list(DEFAULT_EVAL_MASKS)
-  feather = 2 if feather is None else feather
-  masks_lib.feather_alpha(np.zeros((1, 1, 1), bool), feather)
-  widen = masks_lib.check_widen(masks_lib.DEFAULT_WIDEN if widen is None else widen)
+  feather, widen = _border(feather, widen)
   images, ds_labels, size = _load_images(config, dataset, max_images or 0)
   masks = {s: np.ascontiguousarray(masks_lib.pixel_masks(s, len(images), (size, size)))
            for s in specs}

@@ -66,6 +66,7 @@ SPEC_FORMS = ('center, left, right, top, bottom, box:x0,y0,x1,y1, file:PATH.png 
               'npz:PATH.npz')
 MASKED_GREY = 128   # how masked pixels look in the "masked input" column of the grids
 DEFAULT_WIDEN = 0   # tokens the region grows by beyond the cells the mask touches
+DEFAULT_FEATHER = 2  # pixels of soft border outside the mask (`blend`)
 TELEA_RADIUS = 3    # cv2.inpaint's neighbourhood radius, in pixels
 
 
@@ -298,10 +299,16 @@ def check_completable(kind: str, region: np.ndarray, spec: str) -> None:
     raise ValueError(gpt_message(spec, region, int(np.flatnonzero(~ok)[0])))
 
 
+def check_feather(feather: int) -> int:
+  """`feather` as an int >= 0, with a one-line error for anything else."""
+  if isinstance(feather, bool) or not isinstance(feather, numbers.Integral) or feather < 0:
+    raise ValueError(f'--feather={feather!r} must be >= 0 (pixels of soft border; 0: none).')
+  return int(feather)
+
+
 def feather_alpha(masks: np.ndarray, feather: int) -> np.ndarray:
   """float32 [N, H, W]: 1 in the mask, 1 - d / (feather + 1) at distance d <= feather, else 0."""
-  if feather < 0:
-    raise ValueError(f'--feather={feather} must be >= 0 (pixels of soft border; 0: none).')
+  feather = check_feather(feather)
   masks = np.asarray(masks, bool)
   alpha = masks.astype(np.float32)
   grown = masks
