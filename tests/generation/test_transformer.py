@@ -89,6 +89,27 @@ def test_cache_can_take_several_positions_per_call():
   chex.assert_trees_all_close(jnp.concatenate([first, second], axis=1), full, atol=1e-5)
 
 
+def test_cache_is_head_major_and_holds_each_positions_keys_and_values():
+  # [B, H, max_len, D], the layout the attention matmuls read (see SelfAttention).
+  model = _model()
+  tokens = _tokens(batch=2)
+  params = model.init(jax.random.PRNGKey(1), tokens)['params']
+  decoder = model.clone(decode=True)
+  cache = transformer.init_cache(decoder, 2)
+  assert cache['block0']['attn']['key'].shape == (2, 4, 10, 8)
+  _, updates = decoder.apply({'params': params, 'cache': cache}, tokens[:, :3], mutable=['cache'])
+  # The keys of block 0 at positions 0..2, recomputed from its input by hand.
+  _, state = model.apply({'params': params}, tokens, capture_intermediates=True,
+                         mutable=['intermediates'])
+  qkv = state['intermediates']['block0']['attn']['qkv']['__call__'][0]   # [B, T, 3, H, D]
+  cached = updates['cache']['block0']['attn']
+  np.testing.assert_allclose(cached['key'][:, :, :3], qkv[:, :3, 1].transpose(0, 2, 1, 3),
+                             atol=1e-6)
+  np.testing.assert_allclose(cached['value'][:, :, :3], qkv[:, :3, 2].transpose(0, 2, 1, 3),
+                             atol=1e-6)
+  assert not np.any(np.asarray(cached['key'][:, :, 3:]))   # positions not written yet
+
+
 def test_bad_shapes_are_one_line_errors():
   with pytest.raises(ValueError, match='not divisible by num_heads'):
     transformer.Transformer(vocab_size=5, num_outputs=5, max_len=4, width=30,
