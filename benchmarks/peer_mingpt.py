@@ -4,6 +4,7 @@ r"""Class-conditional GPT token prior: taming-transformers' minGPT (PyTorch) as 
       --train_tokens=/tmp/vq-runs/tokens_train.npz --test_tokens=/tmp/vq-runs/tokens_test.npz
   /tmp/venv-bench/bin/python -m benchmarks.peer_mingpt --steps=50 ...   # throughput only
   ... --sides=vq                                                          # vq alone
+  ... --vq_matmul_dtype=bfloat16 [--peer_autocast]     # bfloat16 products on both sides
 
 Needs the bench venv of requirements-bench.txt (PyTorch, taming-transformers); torch is
 imported only in the peer's own process. Token files, sequences, batches, the unigram
@@ -18,6 +19,8 @@ The peer is taming's `taming.modules.transformer.mingpt.GPT` as taming's
   decay 0.01 on the weights of Linear layers, none on biases, LayerNorm and Embedding weights
   and `pos_emb` (`_taming_param_groups`, the same walk over `named_modules`). No
   learning-rate schedule and no gradient clipping (taming's Lightning trainer sets none).
+- `--peer_autocast` trains it under `torch.autocast('cpu', torch.bfloat16)` (PyTorch's mixed
+  precision; the loss in float32), the counterpart of vq's `--vq_matmul_dtype=bfloat16`.
 - sampling: taming's KV-cached `sample_with_past` (temperature 1, no top-k) from the class
   tokens, all `--sample_images` grids at once. minGPT imports
   `transformers.top_k_top_p_filtering` at module level for top-k alone, so the peer imports
@@ -113,16 +116,19 @@ class MinGPTPeer:
     seed: torch seed of the initialisation.
     num_threads: torch intra-op threads.
     eval_batch: test sequences per forward pass in `bits_per_token`.
+    autocast: train under torch.autocast('cpu', torch.bfloat16) (the loss in float32).
   """
 
   def __init__(self, spec: GPTSpec, train_seq: np.ndarray, test_seq: np.ndarray, *,
-               seed: int = 0, num_threads: int = 2, eval_batch: int = 500):
+               seed: int = 0, num_threads: int = 2, eval_batch: int = 500,
+               autocast: bool = False):
     import torch  # pylint: disable=g-import-not-at-top
     self._mingpt = _import_mingpt()
     torch.set_num_threads(num_threads)
     torch.manual_seed(seed)
     self.spec = spec
     self.eval_batch = eval_batch
+    self.autocast = bool(autocast)
     self.model = self._mingpt.GPT(
         vocab_size=spec.vocab_size, block_size=spec.block_size, n_layer=spec.layers,
         n_head=spec.heads, n_embd=spec.width, embd_pdrop=0.0, resid_pdrop=0.0,
@@ -141,12 +147,13 @@ class MinGPTPeer:
     return {'impl': 'taming.modules.transformer.mingpt.GPT', 'torch_version': torch.__version__,
             'torch_threads': torch.get_num_threads(),
             'omp_wait_policy': os.environ.get('OMP_WAIT_POLICY', 'default'),
-            'weight_decayed_params': self._decayed, 'block_size': self.spec.block_size}
+            'weight_decayed_params': self._decayed, 'block_size': self.spec.block_size,
+            'autocast_bfloat16': self.autocast}
 
   def _loss(self, seq):
     from torch.nn import functional as F  # pylint: disable=g-import-not-at-top,invalid-name
     logits, _ = self.model(seq[:, :-1])  # taming: logits[:, c_len - 1:] with c_len = 1
-    return F.cross_entropy(logits.reshape(-1, logits.size(-1)), seq[:, 1:].reshape(-1),
+    return F.cross_entropy(logits.reshape(-1, logits.size(-1)).float(), seq[:, 1:].reshape(-1),
                            reduction='mean')
 
   def train(self, rows: np.ndarray) -> dict[str, list[float]]:
@@ -154,7 +161,8 @@ class MinGPTPeer:
     step_s, losses = [], []
     for row in rows:
       start = time.perf_counter()
-      loss = self._loss(self.train_seq[torch.from_numpy(np.asarray(row, np.int64))])
+      with torch.autocast('cpu', dtype=torch.bfloat16, enabled=self.autocast):
+        loss = self._loss(self.train_seq[torch.from_numpy(np.asarray(row, np.int64))])
       self.opt.zero_grad(set_to_none=True)
       loss.backward()
       self.opt.step()
@@ -259,10 +267,12 @@ def _run() -> None:
           vq_prior_side.VqGPTSide, spec, train_seq, test_seq, grid=train.tokens.shape[1:],
           seed=f.seed, class_dropout=f.vq_class_dropout, eval_batch=f.eval_batch,
           maskgit_iterations=f.maskgit_iterations, cpu_devices=f.vq_cpu_devices,
+          matmul_dtype=f.vq_matmul_dtype,
           environ=_vq_environ(f.vq_huge_pages))
     elif name == 'peer':
       sides['peer'] = ProcessSide(MinGPTPeer, spec, train_seq, test_seq, seed=f.seed,
                                   num_threads=f.threads, eval_batch=f.eval_batch,
+                                  autocast=f.peer_autocast,
                                   environ=host_memory.without_tunable(os.environ))
     else:
       raise ValueError(f"--sides has {name!r}; use 'vq' and/or 'peer'.")
@@ -322,6 +332,10 @@ def _define_flags() -> None:
   flags.DEFINE_integer('maskgit_iterations', 10, "Decoding iterations of vq's MaskGIT "
                        'sampler timed beside its GPT sampler (0: not timed).')
   flags.DEFINE_string('vq_cpu_devices', 'auto', "vq's CPU devices, as run.py's --cpu_devices.")
+  flags.DEFINE_enum('vq_matmul_dtype', 'float32', ['float32', 'bfloat16'],
+                    "vq's prior.matmul_dtype (its dense layers' products).")
+  flags.DEFINE_bool('peer_autocast', False, "Train the peer under torch.autocast('cpu', "
+                    'bfloat16), torch\'s mixed precision (sampling and scoring stay float32).')
   flags.DEFINE_bool('vq_huge_pages', True, "vq's process starts with huge pages for large "
                     "mallocs where run.py's training would restart with them "
                     '(vq/cpu/host_memory.py).')

@@ -48,12 +48,13 @@ class VqGPTSide:
     eval_batch: test grids per scoring batch.
     maskgit_iterations: decoding iterations of the MaskGIT sampler timed beside (0: none).
     cpu_devices: run.py's --cpu_devices ('auto' or a count).
+    matmul_dtype: `prior.matmul_dtype` ('float32' or 'bfloat16').
   """
 
   def __init__(self, spec: GPTSpec, train_seq: np.ndarray, test_seq: np.ndarray, *,
                grid: tuple[int, int], seed: int = 0, class_dropout: float = 0.1,
                eval_batch: int = 500, maskgit_iterations: int = 10,
-               cpu_devices: str = 'auto'):
+               cpu_devices: str = 'auto', matmul_dtype: str = 'float32'):
     if int(np.prod(grid)) != spec.seq_len:
       raise ValueError(f'grid {tuple(grid)} does not hold seq_len={spec.seq_len} tokens.')
     from vq.cpu import devices as cpu_devices_lib  # pylint: disable=g-import-not-at-top
@@ -76,7 +77,8 @@ class VqGPTSide:
         'prior.class_dropout': class_dropout, 'train.batch_size': spec.batch_size,
         'train.learning_rate': spec.learning_rate, 'train.b1': spec.b1, 'train.b2': spec.b2,
         'train.weight_decay': spec.weight_decay, 'train.schedule': 'constant',
-        'train.warmup_steps': 0, 'train.grad_clip': 0.0, 'eval.batch_size': eval_batch}
+        'train.warmup_steps': 0, 'train.grad_clip': 0.0, 'eval.batch_size': eval_batch,
+        'prior.matmul_dtype': matmul_dtype}
     self.config = loading.load_config(_REPO / 'experiments' / 'gpt_cifar.py', overrides)
     self.layout = priors.TokenLayout(num_codes=spec.num_codes, num_classes=spec.num_classes,
                                      grid=self.grid)
@@ -124,6 +126,7 @@ class VqGPTSide:
     out = {'impl': 'vq.generation (experiments/gpt_cifar.py)',
            'jax_version': self._jax.__version__, 'cpu_plan': self._plan.describe(),
            'devices': self._devices, 'class_dropout': float(self.config.prior.class_dropout),
+           'matmul_dtype': self.config.prior.matmul_dtype,
            'sample_compile_s': self._compile_s.get('gpt')}
     if self._maskgit_iterations and self._maskgit_s:
       out.update({

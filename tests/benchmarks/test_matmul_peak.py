@@ -15,8 +15,9 @@ def test_best_seconds_takes_the_fastest_call_after_a_warm_up(monkeypatch):
   assert best == 0.5 and len(calls) == 4
 
 
-def test_measure_reports_both_backends_for_each_size():
+def test_measure_reports_every_backend_for_each_size():
   out = matmul_peak.measure([8, 16], repeats=1)
-  assert set(out['numpy']) == set(out['xla']) == {8, 16}
+  assert set(out['numpy']) == set(out['xla']) == set(out['xla_bf16']) == {8, 16}
   assert out['best_gflops'] == max(list(out['numpy'].values()) + list(out['xla'].values()))
-  assert out['best_gflops'] > 0
+  assert out['best_bf16_gflops'] == max(out['xla_bf16'].values())
+  assert out['best_gflops'] > 0 and out['best_bf16_gflops'] > 0

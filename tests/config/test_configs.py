@@ -197,6 +197,7 @@ BAD_PRIOR_CONFIGS = {
     'guidance_unconditional': (_bad_prior('sample.guidance', 2.0, **{'data.num_classes': 0}), r'sample.guidance=2.0 needs a class-conditional prior'),
     'sample_batch': (_bad_prior('sample.batch_size', 6), r'sample.batch_size=6 is not divisible by the 4 devices'),
     'negative_top_k': (_bad_prior('sample.top_k', -1), r'sample.top_k=-1 must be >= 0'),
+    'matmul_dtype': (_bad_prior('prior.matmul_dtype', 'float16'), r"prior.matmul_dtype='float16' is unknown.*'float32', 'bfloat16'"),
 }
 
 

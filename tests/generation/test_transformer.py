@@ -59,21 +59,27 @@ def test_bidirectional_output_sees_every_position():
   assert np.abs(np.asarray(a[:, 0] - b[:, 0])).max() > 1e-4
 
 
-@pytest.mark.parametrize('dtype', [jnp.float32])
-def test_kv_cached_decoding_equals_the_full_pass_at_every_position(dtype):
-  model = _model(dtype=dtype)
-  tokens = _tokens(batch=4)
-  params = model.init(jax.random.PRNGKey(1), tokens)['params']
-  full = model.apply({'params': params}, tokens)
+def _decode_one_by_one(model, params, tokens):
+  """Logits [B, T] from the KV-cached decoder fed one position per call."""
   decoder = model.clone(decode=True)
-  cache = transformer.init_cache(decoder, 4)
+  cache = transformer.init_cache(decoder, tokens.shape[0])
   step = jax.jit(lambda c, x: decoder.apply({'params': params, 'cache': c}, x, mutable=['cache']))
   outs = []
   for i in range(tokens.shape[1]):
     logits, updates = step(cache, tokens[:, i:i + 1])
     cache = updates['cache']
     outs.append(logits)
-  chex.assert_trees_all_close(jnp.concatenate(outs, axis=1), full, atol=1e-5, rtol=1e-5)
+  return jnp.concatenate(outs, axis=1)
+
+
+@pytest.mark.parametrize('dtype', [jnp.float32])
+def test_kv_cached_decoding_equals_the_full_pass_at_every_position(dtype):
+  model = _model(dtype=dtype)
+  tokens = _tokens(batch=4)
+  params = model.init(jax.random.PRNGKey(1), tokens)['params']
+  full = model.apply({'params': params}, tokens)
+  chex.assert_trees_all_close(_decode_one_by_one(model, params, tokens), full, atol=1e-5,
+                              rtol=1e-5)
 
 
 def test_cache_can_take_several_positions_per_call():
@@ -108,6 +114,73 @@ def test_cache_is_head_major_and_holds_each_positions_keys_and_values():
   np.testing.assert_allclose(cached['value'][:, :, :3], qkv[:, :3, 2].transpose(0, 2, 1, 3),
                              atol=1e-6)
   assert not np.any(np.asarray(cached['key'][:, :, 3:]))   # positions not written yet
+
+
+def _bf16(a):
+  """float32 -> bfloat16 (round to nearest even) -> float64, by numpy bit arithmetic."""
+  bits = np.asarray(a, np.float32).view(np.uint32).astype(np.uint64)
+  bits = (bits + 0x7FFF + ((bits >> 16) & 1)) >> 16 << 16
+  return bits.astype(np.uint32).view(np.float32).astype(np.float64)
+
+
+# (x shape, w shape, contracted axes): Dense, the qkv DenseGeneral, the attention output's.
+@pytest.mark.parametrize('x_shape,w_shape,n', [((5, 7), (7, 3), 1),
+                                               ((2, 3, 16), (16, 3, 2, 4), 1),
+                                               ((2, 3, 2, 8), (2, 8, 5), 2)])
+def test_bf16_dot_general_is_the_product_of_rounded_inputs_and_so_are_its_gradients(
+    x_shape, w_shape, n):
+  rng = np.random.default_rng(0)
+  x = rng.standard_normal(x_shape).astype(np.float32)
+  w = rng.standard_normal(w_shape).astype(np.float32)
+  dims = ((tuple(range(len(x_shape) - n, len(x_shape))), tuple(range(n))), ((), ()))
+  out_shape = x_shape[:len(x_shape) - n] + w_shape[n:]
+  g = rng.standard_normal(out_shape).astype(np.float32)
+  y, vjp = jax.vjp(lambda x, w: transformer.bf16_dot_general(x, w, dims), x, w)
+  dx, dw = vjp(g)
+  # The oracle: float64 products of the bfloat16-rounded x, w and cotangent.
+  k = int(np.prod(w_shape[:n]))
+  xm, wm = _bf16(x).reshape(-1, k), _bf16(w).reshape(k, -1)
+  gm = _bf16(g).reshape(xm.shape[0], -1)
+  np.testing.assert_allclose(y, (xm @ wm).reshape(out_shape), rtol=1e-5, atol=1e-5)
+  np.testing.assert_allclose(dx, (gm @ wm.T).reshape(x_shape), rtol=1e-5, atol=1e-5)
+  np.testing.assert_allclose(dw, (xm.T @ gm).reshape(w_shape), rtol=1e-5, atol=1e-5)
+  # And it is not the float32 product: the rounding is really there.
+  assert np.abs(np.asarray(y) - (x.reshape(-1, k).astype(np.float64) @ w.reshape(k, -1)
+                                 ).reshape(out_shape)).max() > 1e-4
+  assert y.dtype == jnp.float32 and dx.dtype == jnp.float32 and dw.dtype == jnp.float32
+
+
+def test_bfloat16_products_train_with_bfloat16_blocks_too():
+  model = _model(dtype=jnp.bfloat16, matmul_dtype='bfloat16')
+  tokens = _tokens(batch=2)
+  params = model.init(jax.random.PRNGKey(1), tokens)['params']
+  grads = jax.grad(lambda p: model.apply({'params': p}, tokens).sum())(params)
+  for leaf in jax.tree.leaves(grads):
+    assert leaf.dtype == jnp.float32 and np.all(np.isfinite(np.asarray(leaf)))
+  assert float(jnp.abs(grads['block0']['fc']['kernel']).max()) > 0
+
+
+def test_bf16_dot_general_refuses_other_contractions():
+  with pytest.raises(ValueError, match='handles x'):
+    transformer.bf16_dot_general(jnp.ones((3, 4)), jnp.ones((3, 5)), (((0,), (0,)), ((), ())))
+
+
+def test_bfloat16_matmuls_stay_close_to_float32_and_decode_like_the_full_pass():
+  tokens = _tokens(batch=4)
+  model32 = _model()
+  params = model32.init(jax.random.PRNGKey(1), tokens)['params']
+  model16 = _model(matmul_dtype='bfloat16')
+  full32 = model32.apply({'params': params}, tokens)
+  full16 = model16.apply({'params': params}, tokens)   # the same parameters
+  scale = float(jnp.abs(full32).max())
+  err = float(jnp.abs(full16 - full32).max())
+  assert 1e-6 * scale < err < 3e-2 * scale, (err, scale)
+  # Attention sums in another order when decoding, and a float32 difference that tips a
+  # bfloat16 rounding in the next layer moves a logit by about bfloat16's resolution.
+  chex.assert_trees_all_close(_decode_one_by_one(model16, params, tokens), full16,
+                              atol=5e-3 * scale)
+  with pytest.raises(ValueError, match="matmul_dtype='float16' is not one of"):
+    _model(matmul_dtype='float16').init(jax.random.PRNGKey(0), tokens)
 
 
 def test_bad_shapes_are_one_line_errors():

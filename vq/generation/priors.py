@@ -72,15 +72,15 @@ class TokenLayout:
 
 
 def build_model(kind: str, layout: TokenLayout, *, width: int, depth: int, num_heads: int,
-                mlp_ratio: int = 4, dropout: float = 0.0, dtype: Any = jnp.float32
-                ) -> transformer.Transformer:
+                mlp_ratio: int = 4, dropout: float = 0.0, dtype: Any = jnp.float32,
+                matmul_dtype: str = 'float32') -> transformer.Transformer:
   """The transformer of a `kind` prior ('gpt' or 'maskgit') over `layout`."""
   if kind not in KINDS:
     raise ValueError(f'prior kind {kind!r} is not one of {KINDS}.')
   return transformer.Transformer(
       vocab_size=layout.vocab_size, num_outputs=layout.num_codes, max_len=layout.length + 1,
       width=width, depth=depth, num_heads=num_heads, mlp_ratio=mlp_ratio, dropout=dropout,
-      causal=kind == 'gpt', dtype=dtype)
+      causal=kind == 'gpt', dtype=dtype, matmul_dtype=matmul_dtype)
 
 
 def drop_labels(labels: jax.Array, rate: float, key: jax.Array) -> jax.Array:

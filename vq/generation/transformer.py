@@ -23,6 +23,7 @@ Logits are float32 whatever `dtype` the blocks compute in.
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 import flax.linen as nn
@@ -30,6 +31,69 @@ import jax
 import jax.numpy as jnp
 
 _INIT = nn.initializers.normal(stddev=0.02)
+MATMUL_DTYPES = ('float32', 'bfloat16')
+
+
+def _materialized_t(a: jax.Array) -> jax.Array:
+  """a.T [K, M] for a [M, K], written out row-major. XLA:CPU folds a plain `a.T` into the
+  dot as a transposed operand, and its bfloat16 matmul is only fast without one (1024x256
+  times 2080 contracted, one core: 91 GFLOP/s with `a.T`, 179 with this)."""
+  m, k = a.shape
+  return jax.lax.optimization_barrier(a.reshape(m, k, 1).transpose(1, 2, 0).reshape(k, m))
+
+
+@jax.custom_vjp
+def _bf16_matmul(x: jax.Array, w: jax.Array) -> jax.Array:
+  """x [M, K] @ w [K, N] from bfloat16-rounded inputs, summed in float32; float32 [M, N]."""
+  return jnp.dot(x.astype(jnp.bfloat16), w.astype(jnp.bfloat16),
+                 preferred_element_type=jnp.float32)
+
+
+def _bf16_matmul_fwd(x, w):
+  xb, wb = x.astype(jnp.bfloat16), w.astype(jnp.bfloat16)
+  return jnp.dot(xb, wb, preferred_element_type=jnp.float32), (xb, wb)
+
+
+def _bf16_matmul_bwd(residuals, g):
+  # The gradients of the product of the rounded inputs, also from bfloat16 inputs (g
+  # rounded), in the two operand layouts XLA:CPU's bfloat16 matmul runs fast: [M, N] x
+  # [K, N] contracting N, and [K, M] x [M, N].
+  xb, wb = residuals
+  gb = g.astype(jnp.bfloat16)
+  dx = jax.lax.dot_general(gb, wb, (((1,), (1,)), ((), ())), preferred_element_type=jnp.float32)
+  dw = jnp.dot(_materialized_t(xb), gb, preferred_element_type=jnp.float32)
+  return dx, dw
+
+
+_bf16_matmul.defvjp(_bf16_matmul_fwd, _bf16_matmul_bwd)
+
+
+def bf16_dot_general(x: jax.Array, w: jax.Array, dimension_numbers, precision=None,
+                     preferred_element_type=None) -> jax.Array:
+  """A `dot_general` for `nn.Dense` / `nn.DenseGeneral` (x's last axes against w's first)
+  whose products take bfloat16-rounded inputs and sum in float32, as a TPU's default matmul
+  precision does; the result (and its gradients) in x's dtype. On x86 CPUs with AVX512-BF16
+  XLA runs such a matmul at twice its float32 rate (`benchmarks/matmul_peak.py`)."""
+  del precision, preferred_element_type  # the precision is this function's point
+  ((x_contract, w_contract), batch) = dimension_numbers
+  n = len(x_contract)
+  if (tuple(x_contract) != tuple(range(x.ndim - n, x.ndim))
+      or tuple(w_contract) != tuple(range(n)) or batch != ((), ())):
+    raise ValueError(f'bf16_dot_general handles x [..., K] times w [K, ...] only; got '
+                     f'dimension_numbers={dimension_numbers!r} for shapes {x.shape}, {w.shape}.')
+  k = math.prod(w.shape[:n])
+  # float32 in (a no-op unless the blocks compute in bfloat16), so that the gradients come
+  # back through these casts in x's and w's own dtypes.
+  y = _bf16_matmul(x.reshape(-1, k).astype(jnp.float32),
+                   w.reshape(k, -1).astype(jnp.float32)).astype(x.dtype)
+  return y.reshape(x.shape[:x.ndim - n] + w.shape[n:])
+
+
+def _dot_general(matmul_dtype: str):
+  if matmul_dtype not in MATMUL_DTYPES:
+    raise ValueError(f'Transformer: matmul_dtype={matmul_dtype!r} is not one of '
+                     f'{MATMUL_DTYPES}.')
+  return bf16_dot_general if matmul_dtype == 'bfloat16' else jax.lax.dot_general
 
 
 class SelfAttention(nn.Module):
@@ -39,13 +103,15 @@ class SelfAttention(nn.Module):
   causal: bool
   decode: bool = False
   dtype: Any = jnp.float32
+  matmul_dtype: str = 'float32'
 
   @nn.compact
   def __call__(self, x: jax.Array) -> jax.Array:
     b, t, width = x.shape
     head_dim = width // self.num_heads
+    dot_general = _dot_general(self.matmul_dtype)
     qkv = nn.DenseGeneral((3, self.num_heads, head_dim), kernel_init=_INIT, dtype=self.dtype,
-                          name='qkv')(x)
+                          dot_general=dot_general, name='qkv')(x)
     q, k, v = qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2]          # [B, T, H, D]
     q_pos = jnp.arange(t)
     k_pos = jnp.arange(t)
@@ -79,7 +145,7 @@ class SelfAttention(nn.Module):
     weights = jax.nn.softmax(logits, axis=-1).astype(self.dtype)
     out = jnp.einsum(f'bhqk,{kv_spec}->bqhd', weights, v)
     return nn.DenseGeneral(width, axis=(-2, -1), kernel_init=_INIT, dtype=self.dtype,
-                           name='out')(out)
+                           dot_general=dot_general, name='out')(out)
 
 
 class Block(nn.Module):
@@ -91,18 +157,22 @@ class Block(nn.Module):
   dropout: float = 0.0
   decode: bool = False
   dtype: Any = jnp.float32
+  matmul_dtype: str = 'float32'
 
   @nn.compact
   def __call__(self, x: jax.Array, *, train: bool) -> jax.Array:
     width = x.shape[-1]
+    dot_general = _dot_general(self.matmul_dtype)
     y = nn.LayerNorm(dtype=self.dtype, name='ln_attn')(x)
     y = SelfAttention(self.num_heads, self.max_len, self.causal, self.decode, self.dtype,
-                      name='attn')(y)
+                      self.matmul_dtype, name='attn')(y)
     x = x + nn.Dropout(self.dropout, deterministic=not train)(y)
     y = nn.LayerNorm(dtype=self.dtype, name='ln_mlp')(x)
-    y = nn.Dense(self.mlp_ratio * width, kernel_init=_INIT, dtype=self.dtype, name='fc')(y)
+    y = nn.Dense(self.mlp_ratio * width, kernel_init=_INIT, dtype=self.dtype,
+                 dot_general=dot_general, name='fc')(y)
     y = nn.gelu(y)
-    y = nn.Dense(width, kernel_init=_INIT, dtype=self.dtype, name='proj')(y)
+    y = nn.Dense(width, kernel_init=_INIT, dtype=self.dtype, dot_general=dot_general,
+                 name='proj')(y)
     return x + nn.Dropout(self.dropout, deterministic=not train)(y)
 
 
@@ -118,6 +188,9 @@ class Transformer(nn.Module):
     causal: position t attends to positions <= t (GPT); otherwise to all (MaskGIT).
     decode: autoregressive decoding with a key/value cache (causal models only).
     dtype: compute dtype of the blocks; parameters and logits stay float32.
+    matmul_dtype: 'float32', or 'bfloat16' for dense layers (the blocks' and the head's)
+      whose products take bfloat16-rounded inputs and sum in float32 (`bf16_dot_general`);
+      attention's two matmuls, norms and everything else keep `dtype`.
   """
   vocab_size: int
   num_outputs: int
@@ -130,6 +203,7 @@ class Transformer(nn.Module):
   causal: bool = True
   decode: bool = False
   dtype: Any = jnp.float32
+  matmul_dtype: str = 'float32'
 
   @nn.compact
   def __call__(self, tokens: jax.Array, *, train: bool = False) -> jax.Array:
@@ -157,9 +231,10 @@ class Transformer(nn.Module):
     x = nn.Dropout(self.dropout, deterministic=not train)(x).astype(self.dtype)
     for i in range(self.depth):
       x = Block(self.num_heads, self.max_len, self.causal, self.mlp_ratio, self.dropout,
-                self.decode, self.dtype, name=f'block{i}')(x, train=train)
+                self.decode, self.dtype, self.matmul_dtype, name=f'block{i}')(x, train=train)
     x = nn.LayerNorm(dtype=self.dtype, name='ln_out')(x)
     return nn.Dense(self.num_outputs, kernel_init=_INIT, dtype=jnp.float32,
+                    dot_general=_dot_general(self.matmul_dtype),
                     name='head')(x.astype(jnp.float32))
 
 

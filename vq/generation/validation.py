@@ -40,6 +40,7 @@ def validate(config: ml_collections.ConfigDict, *, num_devices: int,
   c = config
   _choice(c, 'objective', OBJECTIVES)
   _choice(c, 'prior.dtype', DTYPES)
+  _choice(c, 'prior.matmul_dtype', DTYPES)
   _choice(c, 'train.schedule', base.SCHEDULES)
   _choice(c, 'train.parallel', base.PARALLEL)
   if not c.prior.tokenizer_workdir:
