@@ -5,13 +5,14 @@
 Times square float32 matmuls (`--sizes`, best of `--repeats` after one warm-up) with numpy
 (its BLAS) and with XLA (`jnp.dot` jitted on one CPU device), and the same products with
 bfloat16 inputs summed in float32 with XLA ('xla_bf16': what `prior.matmul_dtype='bfloat16'`
-runs), and prints one JSON line with GFLOP/s = 2 n^3 / seconds for each; `best_gflops` is the
-float32 figure. On x86 CPUs with AVX512-BF16 XLA:CPU's bfloat16 matmul runs at twice its
-float32 rate, but only with a float32 result and neither operand transposed in memory
-(vq.generation.transformer.bf16_dot_general arranges both). Run it with the same cores as the step it is compared with
-(`taskset`; numpy's BLAS and XLA take the cores they are given). A training step whose
-convolutions and matmuls are counted the same way (benchmarks/flops.py) cannot run faster than
-this rate for long, so `flops_per_s` of benchmarks/train_step.py divided by the best figure
+runs); prints one JSON line with GFLOP/s = 2 n^3 / seconds for each (`best_gflops` is the
+float32 figure, `best_bf16_gflops` the bfloat16 one). On the AVX512-BF16 dev CPU XLA:CPU's
+bfloat16 matmul ran at twice its float32 rate, but only with a float32 result and neither
+operand transposed in memory (vq.generation.transformer.bf16_dot_general arranges both).
+Run it with the same cores as the step it is compared with (`taskset`; numpy's BLAS and XLA
+take the cores they are given). A training step whose convolutions and matmuls are counted
+the same way (benchmarks/flops.py) cannot run faster than this rate for long, so
+`flops_per_s` of benchmarks/train_step.py divided by the best figure
 here says how much of the arithmetic rate a step already uses.
 """
 

@@ -8,7 +8,7 @@ lr 4.5e-4, batch 64; the class token first; labels dropped 10% of the time for g
   python run.py --config=experiments/gpt_cifar.py --workdir=/tmp/gpt \
       --config.prior.tokenizer_workdir=/tmp/vqvae --mode=sample --out=/tmp/gpt_samples
   python run.py --config=experiments/gpt_cifar.py:smoke ...                   # ~1 minute on CPU
-  ... --config.prior.matmul_dtype=bfloat16   # bfloat16 products: faster on AVX512-BF16 CPUs
+  ... --config.prior.matmul_dtype=bfloat16   # bfloat16 products (faster on an AVX512-BF16 CPU)
 """
 
 from experiments import prior_base

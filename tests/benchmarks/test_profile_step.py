@@ -56,3 +56,15 @@ def test_op_names_and_thunk_times(tmp_path):
   assert xla_trace.thunk_times(str(tmp_path)) == {'ynn_fusion.7': 12.0}
   with pytest.raises(FileNotFoundError, match='no \\*.trace.json.gz'):
     xla_trace.thunk_times(str(tmp_path / 'plugins' / 'profile' / 'none'))
+
+
+def test_per_op_groups_thunks_by_the_last_part_of_their_op_name_per_call():
+  per_thunk = {'ynn_fusion.1': 3000.0, 'ynn_fusion.2': 1000.0, 'fusion.7': 600.0,
+               'copy.3': 400.0}                                   # microseconds over 2 calls
+  names = {'ynn_fusion.1': 'jit(f)/while/body/block0/fc/dot_general',
+           'ynn_fusion.2': 'jit(f)/while/body/block1/proj/dot_general',
+           'fusion.7': 'jit(f)/while/body/block0/attn/dynamic_update_slice'}
+  by_op, by_thunk, total = xla_trace.per_op(per_thunk, names, traced=2)
+  assert by_op == {'dot_general': 2.0, 'dynamic_update_slice': 0.3, 'copy.3': 0.2}
+  assert by_thunk.most_common(1) == [('ynn_fusion.1', 1.5)]
+  assert total == 2.5

@@ -209,6 +209,19 @@ def test_bad_prior_config_fails_with_one_line_message(name):
   assert '\n' not in str(info.value)
 
 
+@pytest.mark.parametrize('matmul_dtype', [None, 'float32', 'bfloat16'])
+def test_prior_matmul_dtype_reaches_the_model_and_old_configs_mean_float32(matmul_dtype):
+  c = _bad_prior('prior.width', 32)()          # a valid prior config
+  with c.unlocked():
+    if matmul_dtype is None:                   # a config.json written before the field
+      del c.prior['matmul_dtype']
+    else:
+      c.prior.matmul_dtype = matmul_dtype
+  prior_validation.validate(c, num_devices=4)
+  layout = priors.TokenLayout(num_codes=16, num_classes=10, grid=(2, 2))
+  assert gen_lib.build_model(c, layout).matmul_dtype == (matmul_dtype or 'float32')
+
+
 def test_cli_sample_mode_refuses_a_tokenizer_config(tmp_path):
   result = _run_cli('--config=experiments/vqvae_cifar.py:smoke', f'--workdir={tmp_path}',
                     '--mode=sample', f'--out={tmp_path}/s')

@@ -160,9 +160,43 @@ def test_bfloat16_products_train_with_bfloat16_blocks_too():
   assert float(jnp.abs(grads['block0']['fc']['kernel']).max()) > 0
 
 
-def test_bf16_dot_general_refuses_other_contractions():
+@pytest.mark.parametrize('x_shape,w_shape,dims', [
+    ((3, 4), (3, 5), (((0,), (0,)), ((), ()))),          # contracts x's first axis
+    ((3, 2, 8), (4, 4, 5), (((1, 2), (0, 1)), ((), ()))),  # sizes differ, products agree
+    ((2, 3, 4), (2, 4, 5), (((2,), (1,)), ((0,), (0,)))),  # batch dimensions
+])
+def test_bf16_dot_general_refuses_other_contractions(x_shape, w_shape, dims):
   with pytest.raises(ValueError, match='handles x'):
-    transformer.bf16_dot_general(jnp.ones((3, 4)), jnp.ones((3, 5)), (((0,), (0,)), ((), ())))
+    transformer.bf16_dot_general(jnp.ones(x_shape), jnp.ones(w_shape), dims)
+
+
+def _dot_operand_dtypes(jaxpr) -> list[tuple[str, str]]:
+  """The operand dtypes of every dot_general in a closed jaxpr, sub-jaxprs included."""
+  out = []
+  for eqn in jaxpr.eqns:
+    if eqn.primitive.name == 'dot_general':
+      out.append(tuple(str(v.aval.dtype) for v in eqn.invars))
+    for param in eqn.params.values():
+      for sub in (param if isinstance(param, (list, tuple)) else [param]):
+        inner = getattr(sub, 'jaxpr', None)
+        if inner is not None:
+          out += _dot_operand_dtypes(getattr(inner, 'jaxpr', inner))
+  return out
+
+
+@pytest.mark.parametrize('matmul_dtype', ['float32', 'bfloat16'])
+def test_every_dense_layer_and_only_they_take_the_matmul_dtype(matmul_dtype):
+  model = _model(matmul_dtype=matmul_dtype)   # depth 2
+  tokens = _tokens(batch=2)
+  params = model.init(jax.random.PRNGKey(1), tokens)['params']
+  dots = _dot_operand_dtypes(jax.make_jaxpr(lambda p: model.apply({'params': p}, tokens))(
+      params).jaxpr)
+  bf16 = [d for d in dots if d == ('bfloat16', 'bfloat16')]
+  f32 = [d for d in dots if d == ('float32', 'float32')]
+  # qkv, out, fc and proj in each of 2 blocks, the head; attention's two per block.
+  assert len(dots) == 4 * 2 + 1 + 2 * 2
+  assert len(bf16) == (4 * 2 + 1 if matmul_dtype == 'bfloat16' else 0)
+  assert len(f32) == len(dots) - len(bf16)
 
 
 def test_bfloat16_matmuls_stay_close_to_float32_and_decode_like_the_full_pass():

@@ -95,8 +95,7 @@ def build_model(config: ml_collections.ConfigDict, layout: priors.TokenLayout):
   return priors.build_model(config.objective, layout, width=p.width, depth=p.depth,
                             num_heads=p.num_heads, mlp_ratio=p.mlp_ratio, dropout=p.dropout,
                             dtype=builders.compute_dtype(p.dtype),
-                            # Workdirs written before the field existed multiplied in float32.
-                            matmul_dtype=p.get('matmul_dtype', 'float32'))
+                            matmul_dtype=validation.matmul_dtype(config))
 
 
 def decay_mask(params: Any) -> Any:

@@ -78,7 +78,8 @@ def bf16_dot_general(x: jax.Array, w: jax.Array, dimension_numbers, precision=No
   ((x_contract, w_contract), batch) = dimension_numbers
   n = len(x_contract)
   if (tuple(x_contract) != tuple(range(x.ndim - n, x.ndim))
-      or tuple(w_contract) != tuple(range(n)) or batch != ((), ())):
+      or tuple(w_contract) != tuple(range(n)) or any(tuple(b) for b in batch)
+      or x.shape[x.ndim - n:] != w.shape[:n]):
     raise ValueError(f'bf16_dot_general handles x [..., K] times w [K, ...] only; got '
                      f'dimension_numbers={dimension_numbers!r} for shapes {x.shape}, {w.shape}.')
   k = math.prod(w.shape[:n])
@@ -119,8 +120,8 @@ class SelfAttention(nn.Module):
     if self.decode:
       # The cache is head-major, [B, H, max_len, D]: the layout the attention matmuls read.
       # Kept as [B, max_len, H, D], XLA:CPU copied all of it into that layout at every
-      # position, 39% of GPT sampling's time (64 grids, one device, 2 cores: 0.37 s per
-      # batch of 32 against 0.19 s head-major).
+      # position: 38% of GPT sampling's time, 0.33-0.53 s against 0.20-0.23 s head-major
+      # for 32 grids on one CPU device (benchmarks/profile_prior_step.py --what=sample).
       initialising = not self.has_variable('cache', 'key')
       shape = (b, self.num_heads, self.max_len, head_dim)
       cached_k = self.variable('cache', 'key', jnp.zeros, shape, k.dtype)

@@ -18,6 +18,7 @@ import numpy as np
 
 from vq.config import validation as base
 from vq.generation import priors
+from vq.generation import transformer
 
 ConfigError = base.ConfigError
 OBJECTIVES = priors.KINDS
@@ -27,6 +28,11 @@ _fail = base._fail  # pylint: disable=protected-access
 _choice = base._choice  # pylint: disable=protected-access
 _get = base._get  # pylint: disable=protected-access
 _at_least = base._at_least  # pylint: disable=protected-access
+
+
+def matmul_dtype(config: ml_collections.ConfigDict) -> str:
+  """`prior.matmul_dtype`; 'float32' for configs written before the field existed."""
+  return config.prior.get('matmul_dtype', 'float32')
 
 
 def is_prior(config: ml_collections.ConfigDict) -> bool:
@@ -40,7 +46,9 @@ def validate(config: ml_collections.ConfigDict, *, num_devices: int,
   c = config
   _choice(c, 'objective', OBJECTIVES)
   _choice(c, 'prior.dtype', DTYPES)
-  _choice(c, 'prior.matmul_dtype', DTYPES)
+  if matmul_dtype(c) not in transformer.MATMUL_DTYPES:
+    _fail('prior.matmul_dtype', matmul_dtype(c), 'is unknown',
+          f'choose one of {", ".join(map(repr, transformer.MATMUL_DTYPES))}')
   _choice(c, 'train.schedule', base.SCHEDULES)
   _choice(c, 'train.parallel', base.PARALLEL)
   if not c.prior.tokenizer_workdir:
