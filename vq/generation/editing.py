@@ -188,8 +188,8 @@ class Editor:
     return self.gen.tokenizer.encode(masks_lib.telea(np.asarray(images, np.uint8), masks))
 
   def inpaint(self, images: np.ndarray, masks: np.ndarray, labels: np.ndarray | None,
-              key: jax.Array, *, samples_per_image: int = 1, feather: int = masks_lib.DEFAULT_FEATHER,
-              spec: str = 'custom') -> Completion:
+              key: jax.Array, *, samples_per_image: int = 1,
+              feather: int = masks_lib.DEFAULT_FEATHER, spec: str = 'custom') -> Completion:
     """Completes the masked pixels of uint8 images [N, H, W, 3] (bool masks [N, H, W]).
 
     Row n * S + s (image n, sample s) draws from fold_in(key, n * S + s). The masked
@@ -214,7 +214,8 @@ class Editor:
                       masks=np.asarray(masks, bool))
 
   def edit(self, images: np.ndarray, target_label: int, ratios: Any, key: jax.Array, *,
-           masks: np.ndarray | None = None, feather: int = masks_lib.DEFAULT_FEATHER, seed: int = 0) -> Completion:
+           masks: np.ndarray | None = None, feather: int = masks_lib.DEFAULT_FEATHER,
+           seed: int = 0) -> Completion:
     """Resamples a fraction r of each image's tokens under `target_label`, for each r.
 
     With `masks`, only tokens of their token region are candidates and the result is
